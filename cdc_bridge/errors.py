@@ -1,0 +1,57 @@
+"""One error tree for the whole bridge.
+
+Every error says whether retrying can help (``retriable``) and carries the context an
+operator needs (slot, LSN, subject). Errors from psycopg and nats-py are translated into
+this tree at the edge of the module that talks to them, so the rest of the code never
+imports a driver just to catch its exceptions.
+"""
+
+from typing import ClassVar
+
+__all__ = [
+    "CdcBridgeError",
+    "ConfigError",
+    "DecodeError",
+    "PublishError",
+    "SetupError",
+    "SinkError",
+    "SourceError",
+]
+
+
+class CdcBridgeError(Exception):
+    """Root of every error the bridge raises on purpose."""
+
+    retriable: ClassVar[bool] = False
+
+
+class ConfigError(CdcBridgeError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+class DecodeError(CdcBridgeError):
+    """A pgoutput or replication-protocol message could not be decoded."""
+
+
+class SetupError(CdcBridgeError):
+    """The database or the stream is not in a state the bridge can work with."""
+
+
+class SourceError(CdcBridgeError):
+    """The replication connection to PostgreSQL failed."""
+
+    retriable = True
+
+
+class SinkError(CdcBridgeError):
+    """The connection to NATS JetStream failed."""
+
+    retriable = True
+
+
+class PublishError(SinkError):
+    """JetStream refused a message or did not acknowledge it in time."""
+
+    def __init__(self, message: str, *, subject: str | None = None) -> None:
+        super().__init__(message)
+        self.subject = subject
