@@ -1,0 +1,3 @@
+from cdc_bridge.cli import main
+
+main()

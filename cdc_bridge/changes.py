@@ -1,0 +1,349 @@
+"""Decoded pgoutput messages → row changes with their transaction context.
+
+pgoutput sends a transaction as Begin, its changes, Commit. Begin already carries the
+commit LSN, the xid and the commit time, so a change can leave the bridge as soon as it
+is decoded: nothing is buffered here, memory stays flat whatever the transaction size.
+The assembler keeps the relation cache (pgoutput sends a Relation message before the
+first change of a table and again when its shape changes) and numbers the changes of a
+transaction, which gives every change a stable identity: (commit LSN, index).
+
+Pure: no I/O. The pipeline feeds messages in order and acts on what comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from cdc_bridge.errors import DecodeError
+from cdc_bridge.pgoutput import (
+    UNCHANGED_TOAST,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Origin,
+    PgOutputMessage,
+    Relation,
+    Truncate,
+    TupleData,
+    Type,
+    Update,
+)
+from cdc_bridge.values import JsonValue, convert_binary, converter_for
+
+__all__ = [
+    "Change",
+    "ChangeAssembler",
+    "MessageEvent",
+    "Op",
+    "TableInfo",
+    "TransactionBegin",
+    "TransactionEnd",
+]
+
+Op = Literal["insert", "update", "delete", "truncate"]
+Row = dict[str, JsonValue]
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """What the assembler knows of one relation, rebuilt at every Relation message."""
+
+    oid: int
+    schema: str
+    table: str
+    column_names: tuple[str, ...]
+    converters: tuple[Callable[[str], JsonValue], ...]
+    type_oids: tuple[int, ...]
+    key_names: tuple[str, ...]
+    identity_names: frozenset[str]
+    replica_identity: str
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionBegin:
+    xid: int
+    commit_lsn: int
+    commit_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    """The transaction is complete; confirming ``end_lsn`` tells PostgreSQL it is done."""
+
+    commit_lsn: int
+    end_lsn: int
+
+
+@dataclass(slots=True)
+class Change:
+    """One row change (or one truncated table), with its place in the WAL."""
+
+    op: Op
+    table: TableInfo
+    key: Row | None
+    after: Row | None
+    before: Row | None
+    unchanged_toast: list[str]
+    lsn: int
+    commit_lsn: int
+    xid: int
+    commit_ts: int
+    index: int
+
+
+@dataclass(slots=True)
+class MessageEvent:
+    """A logical decoding message from ``pg_logical_emit_message``."""
+
+    prefix: str
+    content: bytes
+    transactional: bool
+    lsn: int
+    commit_lsn: int
+    xid: int | None
+    commit_ts: int | None
+    index: int
+
+
+Event = TransactionBegin | TransactionEnd | Change | MessageEvent
+
+_NONE: Final[tuple[Event, ...]] = ()
+
+
+@dataclass(slots=True)
+class _OpenTransaction:
+    xid: int
+    commit_lsn: int
+    commit_ts: int
+    next_index: int = 0
+
+
+@dataclass
+class ChangeAssembler:
+    """Turns the ordered pgoutput messages of one replication stream into events.
+
+    ``key_columns`` maps ``schema.table`` to the columns that identify a row (the primary
+    key, or the configured key); tables not in it fall back to the replica identity
+    columns PostgreSQL flags in the Relation message.
+    """
+
+    key_columns: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    tables: dict[int, TableInfo] = field(default_factory=dict)
+    _transaction: _OpenTransaction | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._transaction is not None
+
+    def feed(self, message: PgOutputMessage, lsn: int) -> tuple[Event, ...]:
+        """Consume one message (``lsn`` is its XLogData start) and return what it yields."""
+        kind = type(message)
+        if kind is Insert or kind is Update or kind is Delete:
+            return (self._row_change(message, lsn),)  # type: ignore[arg-type]
+        if kind is Begin:
+            assert isinstance(message, Begin)
+            if self._transaction is not None:
+                raise DecodeError(f"Begin of xid {message.xid} inside xid {self._transaction.xid}")
+            self._transaction = _OpenTransaction(message.xid, message.final_lsn, message.commit_ts)
+            return (TransactionBegin(message.xid, message.final_lsn, message.commit_ts),)
+        if kind is Commit:
+            assert isinstance(message, Commit)
+            if self._transaction is None:
+                raise DecodeError(f"Commit at {message.commit_lsn:X} outside a transaction")
+            self._transaction = None
+            return (TransactionEnd(message.commit_lsn, message.end_lsn),)
+        if kind is Relation:
+            assert isinstance(message, Relation)
+            self.tables[message.oid] = self._table_info(message)
+            return _NONE
+        if kind is Truncate:
+            assert isinstance(message, Truncate)
+            return self._truncate(message, lsn)
+        if kind is LogicalMessage:
+            assert isinstance(message, LogicalMessage)
+            return (self._message(message, lsn),)
+        if kind is Type or kind is Origin:
+            return _NONE
+        raise DecodeError(f"unexpected pgoutput message {kind.__name__} in a protocol v1 stream")
+
+    def _table_info(self, relation: Relation) -> TableInfo:
+        names = tuple(column.name for column in relation.columns)
+        qualified = f"{relation.namespace}.{relation.name}"
+        configured = self.key_columns.get(qualified)
+        if configured:
+            key_names = tuple(configured)
+        else:
+            key_names = tuple(column.name for column in relation.columns if column.is_key)
+        return TableInfo(
+            oid=relation.oid,
+            schema=relation.namespace,
+            table=relation.name,
+            column_names=names,
+            converters=tuple(converter_for(column.type_oid) for column in relation.columns),
+            type_oids=tuple(column.type_oid for column in relation.columns),
+            key_names=key_names,
+            identity_names=frozenset(c.name for c in relation.columns if c.is_key),
+            replica_identity=relation.replica_identity,
+        )
+
+    def _context(self, what: str) -> _OpenTransaction:
+        transaction = self._transaction
+        if transaction is None:
+            raise DecodeError(f"{what} outside a transaction")
+        return transaction
+
+    def _table(self, oid: int) -> TableInfo:
+        table = self.tables.get(oid)
+        if table is None:
+            raise DecodeError(f"change for relation {oid} before its Relation message")
+        return table
+
+    def _row_change(self, message: Insert | Update | Delete, lsn: int) -> Change:
+        transaction = self._context("row change")
+        table = self._table(message.relation_oid)
+        index = transaction.next_index
+        transaction.next_index = index + 1
+        after: Row | None = None
+        before: Row | None = None
+        toast: list[str] = []
+        if type(message) is Insert:
+            op: Op = "insert"
+            after = _convert_row(table, message.new, toast)
+        elif type(message) is Update:
+            op = "update"
+            after = _convert_row(table, message.new, toast)
+            if message.old is not None:
+                before = _old_row(table, message.old, message.old_kind)
+                if toast and message.old_kind == "O":
+                    # REPLICA IDENTITY FULL logs the whole old row, detoasted: an unchanged
+                    # TOAST column has the same value as before, so it can be filled in.
+                    toast = _fill_from_before(after, before, toast)
+        else:
+            assert isinstance(message, Delete)
+            op = "delete"
+            before = _old_row(table, message.old, message.old_kind)
+        row = after if after is not None else before
+        key = _key_of(table.key_names, row, before)
+        return Change(
+            op=op,
+            table=table,
+            key=key,
+            after=after,
+            before=before,
+            unchanged_toast=toast,
+            lsn=lsn,
+            commit_lsn=transaction.commit_lsn,
+            xid=transaction.xid,
+            commit_ts=transaction.commit_ts,
+            index=index,
+        )
+
+    def _truncate(self, message: Truncate, lsn: int) -> tuple[Event, ...]:
+        transaction = self._context("Truncate")
+        changes: list[Event] = []
+        for oid in message.relation_oids:
+            changes.append(
+                Change(
+                    op="truncate",
+                    table=self._table(oid),
+                    key=None,
+                    after=None,
+                    before=None,
+                    unchanged_toast=[],
+                    lsn=lsn,
+                    commit_lsn=transaction.commit_lsn,
+                    xid=transaction.xid,
+                    commit_ts=transaction.commit_ts,
+                    index=transaction.next_index,
+                )
+            )
+            transaction.next_index += 1
+        return tuple(changes)
+
+    def _message(self, message: LogicalMessage, lsn: int) -> MessageEvent:
+        if message.transactional:
+            transaction = self._context("transactional logical message")
+            index = transaction.next_index
+            transaction.next_index += 1
+            return MessageEvent(
+                prefix=message.prefix,
+                content=message.content,
+                transactional=True,
+                lsn=message.lsn or lsn,
+                commit_lsn=transaction.commit_lsn,
+                xid=transaction.xid,
+                commit_ts=transaction.commit_ts,
+                index=index,
+            )
+        # A non-transactional message stands alone: its own LSN identifies it.
+        own_lsn = message.lsn or lsn
+        return MessageEvent(
+            prefix=message.prefix,
+            content=message.content,
+            transactional=False,
+            lsn=own_lsn,
+            commit_lsn=own_lsn,
+            xid=None,
+            commit_ts=None,
+            index=0,
+        )
+
+
+def _convert_row(table: TableInfo, values: TupleData, toast: list[str]) -> Row:
+    row: Row = {}
+    names = table.column_names
+    if len(values) != len(names):
+        raise DecodeError(
+            f"{table.qualified_name}: tuple has {len(values)} columns, relation has {len(names)}"
+        )
+    converters = table.converters
+    for position, value in enumerate(values):
+        if value is None:
+            row[names[position]] = None
+        elif type(value) is str:
+            row[names[position]] = converters[position](value)
+        elif value is UNCHANGED_TOAST:
+            toast.append(names[position])
+        else:
+            assert isinstance(value, bytes)
+            row[names[position]] = convert_binary(table.type_oids[position], value)
+    return row
+
+
+def _old_row(table: TableInfo, values: TupleData, old_kind: str | None) -> Row:
+    row = _convert_row(table, values, [])
+    if old_kind == "K":
+        # A key-only old tuple sends NULL for every other column: those NULLs are not
+        # the old values, so they are left out rather than reported.
+        return {name: value for name, value in row.items() if name in table.identity_names}
+    return row
+
+
+def _fill_from_before(after: Row, before: Row, toast: list[str]) -> list[str]:
+    still_missing = []
+    for name in toast:
+        if name in before:
+            after[name] = before[name]
+        else:
+            still_missing.append(name)
+    return still_missing
+
+
+def _key_of(key_names: tuple[str, ...], row: Row | None, before: Row | None) -> Row | None:
+    if not key_names or row is None:
+        return None
+    key: Row = {}
+    for name in key_names:
+        if name in row:
+            key[name] = row[name]
+        elif before is not None and name in before:
+            key[name] = before[name]
+    return key

@@ -1,0 +1,330 @@
+"""Configuration: one YAML file, overridable key by key from the environment.
+
+Sources, highest priority first:
+
+1. environment variables ``CDC_BRIDGE_<SECTION>__<KEY>`` (e.g. ``CDC_BRIDGE_POSTGRES__DSN``),
+2. secret files in ``CDC_BRIDGE_SECRETS_DIR``, one file per key, named like the key path
+   (``postgres__dsn``, ``postgres__password``),
+3. the YAML file given by ``--config`` or ``CDC_BRIDGE_CONFIG``,
+4. the defaults below (``config/example.yaml`` lists every key with its default).
+
+Every model forbids unknown keys, nested ones too, so a typo is an error rather than a
+silently ignored setting. Errors are turned into one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+
+from cdc_bridge.errors import ConfigError
+from cdc_bridge.routing import SubjectTemplate
+
+__all__ = [
+    "ENV_PREFIX",
+    "LogicalMessageSettings",
+    "NatsSettings",
+    "PostgresSettings",
+    "Settings",
+    "TableSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "CDC_BRIDGE_"
+CONFIG_ENV = "CDC_BRIDGE_CONFIG"
+SECRETS_DIR_ENV = "CDC_BRIDGE_SECRETS_DIR"
+
+# Variables with our prefix that are not settings keys; any other CDC_BRIDGE_* variable
+# whose section is unknown is reported as a typo.
+_NON_SETTING_ENV = re.compile(r"^CDC_BRIDGE_(CONFIG|SECRETS_DIR|TEST_.*|PG_BIN|BENCH_.*)$", re.I)
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresSettings(_Section):
+    """Where to read changes from."""
+
+    dsn: SecretStr = Field(
+        description="libpq connection string or URI of the database that holds the tables"
+    )
+    password: SecretStr | None = Field(
+        default=None, description="password, if not in the DSN (handy as a secret file)"
+    )
+    slot: str = Field(default="cdc_bridge", description="logical replication slot name")
+    publication: str = Field(default="cdc_bridge", description="publication name")
+    create_if_missing: bool = Field(
+        default=True,
+        description="create the publication and the slot at start if they do not exist",
+    )
+    status_interval: float = Field(
+        default=10.0, gt=0, description="seconds between standby status updates"
+    )
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_name(cls, value: str) -> str:
+        # PostgreSQL's own rule for slot names (ReplicationSlotValidateName).
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+            raise ValueError(
+                "slot names may contain only lower case letters, digits and '_' (max 63)"
+            )
+        return value
+
+    @field_validator("publication")
+    @classmethod
+    def _publication_name(cls, value: str) -> str:
+        if not _IDENTIFIER.fullmatch(value) or len(value) > 63:
+            raise ValueError("use a plain SQL identifier (letters, digits, '_', max 63)")
+        return value
+
+
+class NatsSettings(_Section):
+    """Where to publish changes to."""
+
+    url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    stream: str = Field(default="cdc-bridge", description="JetStream stream name")
+    create_stream: bool = Field(default=True, description="create the stream if it does not exist")
+    subjects: list[str] | None = Field(
+        default=None,
+        description="stream subjects when creating it; default: derived from the table subjects",
+    )
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = Field(default=1, ge=1, le=5)
+    max_age: float = Field(default=0, ge=0, description="seconds; 0 keeps messages forever")
+    max_bytes: int = Field(default=-1, ge=-1, description="-1 is unlimited")
+    duplicate_window: float = Field(
+        default=120.0, gt=0, description="seconds JetStream remembers Nats-Msg-Id for dedup"
+    )
+    max_in_flight: int = Field(
+        default=2048, ge=1, description="published messages awaiting their PubAck at most"
+    )
+    ack_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one PubAck")
+    connect_timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_name(cls, value: str) -> str:
+        if not value or any(c in value for c in " \t.*>/\\"):
+            raise ValueError("a stream name may not be empty or contain spaces, '.', '*', '>', '/'")
+        return value
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one subject, or leave the key out")
+        return value
+
+
+class TableSettings(_Section):
+    """How one table's changes are routed."""
+
+    subject: str = Field(
+        default="cdc.{schema}.{table}.{op}",
+        description="subject template; placeholders: {schema} {table} {op} and column names",
+    )
+    key: list[str] | None = Field(
+        default=None, description="key columns; default: the primary key"
+    )
+
+    @field_validator("subject")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        SubjectTemplate(value)  # raises ValueError with the reason
+        return value
+
+
+class LogicalMessageSettings(_Section):
+    """Logical decoding messages (``pg_logical_emit_message``)."""
+
+    publish: bool = Field(default=False, description="publish logical decoding messages")
+    subject: str = Field(
+        default="cdc.message.{prefix}", description="subject template; placeholder: {prefix}"
+    )
+
+    @field_validator("subject")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        template = SubjectTemplate(value)
+        unknown = template.placeholders - {"prefix"}
+        if unknown:
+            raise ValueError(f"only {{prefix}} may be used here, not {sorted(unknown)}")
+        return value
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one bridge process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    postgres: PostgresSettings
+    nats: NatsSettings = NatsSettings()
+    tables: dict[str, TableSettings] = Field(min_length=1)
+    messages: LogicalMessageSettings = LogicalMessageSettings()
+    shutdown_timeout: float = Field(
+        default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, value: dict[str, TableSettings]) -> dict[str, TableSettings]:
+        for name in value:
+            parts = name.split(".")
+            if len(parts) != 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+                raise ValueError(f"table {name!r} must be written as schema.table")
+        return value
+
+    def conninfo(self) -> str:
+        """The PostgreSQL connection string, with the separate password applied."""
+        from psycopg.conninfo import make_conninfo
+
+        dsn = self.postgres.dsn.get_secret_value()
+        if self.postgres.password is None:
+            return dsn
+        return make_conninfo(dsn, password=self.postgres.password.get_secret_value())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+        if secrets_dir:
+            assert isinstance(file_secret_settings, SecretsSettingsSource)
+            sources.append(
+                NestedSecretsSettingsSource(
+                    file_secret_settings,
+                    secrets_dir=secrets_dir,
+                    secrets_dir_missing="error",
+                    secrets_prefix="",
+                    secrets_nested_delimiter="__",
+                )
+            )
+        sources.append(_YamlDataSource(settings_cls, _yaml_data.get()))
+        return tuple(sources)
+
+
+_yaml_data: ContextVar[Mapping[str, Any]] = ContextVar("cdc_bridge_yaml_data", default={})
+
+
+class _YamlDataSource(PydanticBaseSettingsSource):
+    """Hands the already-parsed YAML mapping to pydantic-settings as the lowest source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = dict(data)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+@contextmanager
+def _yaml_context(data: Mapping[str, Any]) -> Iterator[None]:
+    token = _yaml_data.set(data)
+    try:
+        yield
+    finally:
+        _yaml_data.reset(token)
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: {exc.strerror or exc} "
+            f"(pass an existing file with --config or {CONFIG_ENV})"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _check_env_sections(environ: Mapping[str, str]) -> None:
+    """Report CDC_BRIDGE_* variables whose first part names no setting (a typo)."""
+    known = {name.upper() for name in Settings.model_fields}
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or _NON_SETTING_ENV.match(upper):
+            continue
+        section = upper[len(ENV_PREFIX) :].split("__", 1)[0]
+        if section not in known:
+            raise ConfigError(
+                f"environment variable {name}: unknown setting {section.lower()!r} "
+                f"(known: {', '.join(sorted(k.lower() for k in known))})"
+            )
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{location}: unknown key (check the spelling; see config/example.yaml)")
+        elif error["type"] == "missing":
+            problems.append(f"{location}: required key is missing")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{location}: {message}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Build :class:`Settings` from a YAML file and the environment.
+
+    ``path`` defaults to ``$CDC_BRIDGE_CONFIG``; with neither, only the environment is used.
+    Raises :class:`ConfigError` with a one-line message on any problem.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data = _read_yaml(Path(path)) if path is not None else {}
+    _check_env_sections(os.environ)
+    try:
+        with _yaml_context(data):
+            return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

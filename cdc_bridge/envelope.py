@@ -1,0 +1,85 @@
+"""The native envelope: the JSON body of every published message (a documented contract).
+
+Change::
+
+    {"op": "insert|update|delete|truncate", "schema": "public", "table": "conversations",
+     "key": {...} | null, "after": {...} | null, "before": {...} | null,
+     "unchanged_toast": [...],
+     "source": {"slot", "lsn", "commit_lsn", "xid", "commit_ts", "index"}}
+
+Logical decoding message::
+
+    {"op": "message", "prefix": "...", "content": "...", "content_encoding": "utf-8|base64",
+     "transactional": true|false, "source": {...same keys...}}
+
+LSNs are strings in PostgreSQL's ``X/X`` form, ``commit_ts`` is ISO-8601 UTC. Serialized
+with orjson, the fastest JSON encoder for Python.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from cdc_bridge.changes import Change, MessageEvent
+from cdc_bridge.lsn import format_lsn
+from cdc_bridge.pgoutput import pg_timestamp_to_iso
+
+__all__ = ["encode_change", "encode_message"]
+
+
+def _source(slot: str, lsn: int, commit_lsn: int, xid: int | None, ts: int | None, index: int) -> dict[str, Any]:
+    return {
+        "slot": slot,
+        "lsn": format_lsn(lsn),
+        "commit_lsn": format_lsn(commit_lsn),
+        "xid": xid,
+        "commit_ts": pg_timestamp_to_iso(ts) if ts is not None else None,
+        "index": index,
+    }
+
+
+def encode_change(change: Change, slot: str) -> bytes:
+    """The native envelope of a row change, as JSON bytes."""
+    table = change.table
+    return orjson.dumps(
+        {
+            "op": change.op,
+            "schema": table.schema,
+            "table": table.table,
+            "key": change.key,
+            "after": change.after,
+            "before": change.before,
+            "unchanged_toast": change.unchanged_toast,
+            "source": _source(
+                slot, change.lsn, change.commit_lsn, change.xid, change.commit_ts, change.index
+            ),
+        }
+    )
+
+
+def encode_message(message: MessageEvent, slot: str) -> bytes:
+    """The native envelope of a logical decoding message, as JSON bytes."""
+    try:
+        content, encoding = message.content.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        content, encoding = base64.b64encode(message.content).decode("ascii"), "base64"
+    return orjson.dumps(
+        {
+            "op": "message",
+            "prefix": message.prefix,
+            "content": content,
+            "content_encoding": encoding,
+            "transactional": message.transactional,
+            "source": _source(
+                slot,
+                message.lsn,
+                message.commit_lsn,
+                message.xid,
+                message.commit_ts,
+                message.index,
+            ),
+        }
+    )

@@ -1,0 +1,246 @@
+"""The bridge: wires source → decoder → assembler → router → sink, and the checkpointer back.
+
+Data flows one way. The reader task pulls CopyBoth frames, decodes them, turns them into
+changes, routes and publishes them; PubAcks come back through the sink's callback into
+the checkpointer; the status task sends the checkpointer's confirmed LSN to PostgreSQL on
+a timer and soon after it moves. The only thing that talks back to PostgreSQL is that
+confirmed LSN.
+
+Shutdown (SIGTERM/SIGINT → ``stop``): stop reading, wait for in-flight PubAcks (bounded
+by ``shutdown_timeout``), send a final status update, return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cdc_bridge.changes import Change, ChangeAssembler, MessageEvent, TransactionBegin, TransactionEnd
+from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
+from cdc_bridge.config import Settings
+from cdc_bridge.lsn import format_lsn
+from cdc_bridge.pgoutput import PrimaryKeepalive, Relation, decode_message
+from cdc_bridge.provisioning import DatabaseState, TableRequest, prepare_database
+from cdc_bridge.router import Router
+from cdc_bridge.routing import SubjectTemplate
+from cdc_bridge.sink import JetStreamSink, StreamSpec, stream_subjects
+from cdc_bridge.source import ReplicationSource
+
+__all__ = ["BridgeStats", "run_bridge", "stream_spec"]
+
+log = logging.getLogger(__name__)
+
+# After the checkpoint moves, wait this long before telling PostgreSQL, so that a burst
+# of commits costs one status update rather than one per transaction.
+STATUS_COALESCE_SECONDS = 0.1
+
+
+@dataclass
+class BridgeStats:
+    """Counters a caller (the demo, tests) may watch while the bridge runs."""
+
+    changes: int = 0
+    transactions: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def stream_spec(settings: Settings) -> StreamSpec:
+    nats = settings.nats
+    if nats.subjects:
+        subjects = tuple(nats.subjects)
+    else:
+        filters = [SubjectTemplate(t.subject).stream_filter for t in settings.tables.values()]
+        if settings.messages.publish:
+            filters.append(SubjectTemplate(settings.messages.subject).stream_filter)
+        subjects = stream_subjects(filters)
+    return StreamSpec(
+        name=nats.stream,
+        subjects=subjects,
+        create=nats.create_stream,
+        storage=nats.storage,
+        replicas=nats.replicas,
+        max_age=nats.max_age,
+        max_bytes=nats.max_bytes,
+        duplicate_window=nats.duplicate_window,
+    )
+
+
+def table_requests(settings: Settings) -> dict[str, TableRequest]:
+    return {
+        name: TableRequest(table.subject, tuple(table.key) if table.key else None)
+        for name, table in settings.tables.items()
+    }
+
+
+async def run_bridge(
+    settings: Settings, *, stop: asyncio.Event, stats: BridgeStats | None = None
+) -> None:
+    """Stream changes until ``stop`` is set; raise a :class:`CdcBridgeError` on failure."""
+    stats = stats or BridgeStats()
+    pg = settings.postgres
+    state: DatabaseState = await asyncio.to_thread(
+        prepare_database,
+        settings.conninfo(),
+        slot=pg.slot,
+        publication=pg.publication,
+        tables=table_requests(settings),
+        create_if_missing=pg.create_if_missing,
+        connect_timeout=pg.connect_timeout,
+    )
+    progress = asyncio.Event()
+    checkpointer = Checkpointer(state.confirmed_flush_lsn, on_advance=progress.set)
+
+    def on_ack(ticket: TransactionTicket, duplicate: bool) -> None:
+        checkpointer.acked(ticket)
+
+    sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
+        settings.nats.url,
+        on_ack=on_ack,
+        max_in_flight=settings.nats.max_in_flight,
+        ack_timeout=settings.nats.ack_timeout,
+        connect_timeout=settings.nats.connect_timeout,
+    )
+    try:
+        await sink.ensure_stream(stream_spec(settings))
+        source = await ReplicationSource.open(
+            settings.conninfo(),
+            slot=pg.slot,
+            publication=pg.publication,
+            start_lsn=state.confirmed_flush_lsn,
+            connect_timeout=pg.connect_timeout,
+        )
+        try:
+            await _stream(settings, state, source, sink, checkpointer, progress, stop, stats)
+        finally:
+            await source.close()
+    finally:
+        await sink.close()
+
+
+async def _stream(
+    settings: Settings,
+    state: DatabaseState,
+    source: ReplicationSource,
+    sink: JetStreamSink[TransactionTicket],
+    checkpointer: Checkpointer,
+    progress: asyncio.Event,
+    stop: asyncio.Event,
+    stats: BridgeStats,
+) -> None:
+    router = Router(
+        slot=settings.postgres.slot,
+        table_subjects={name: t.subject for name, t in settings.tables.items()},
+        message_subject=settings.messages.subject if settings.messages.publish else None,
+    )
+    assembler = ChangeAssembler(key_columns=state.key_columns)
+    reader = asyncio.create_task(
+        _read(source, sink, checkpointer, assembler, router, stats), name="wal-reader"
+    )
+    status = asyncio.create_task(
+        _send_status(source, checkpointer, progress, settings.postgres.status_interval),
+        name="standby-status",
+    )
+    failure = asyncio.create_task(sink.wait_failed(), name="sink-failure")
+    stopped = asyncio.create_task(stop.wait(), name="stop")
+    stats.ready.set()
+    log.info(
+        "streaming slot %s from %s to stream %s",
+        settings.postgres.slot,
+        format_lsn(checkpointer.confirmed_lsn),
+        settings.nats.stream,
+    )
+    try:
+        done, _ = await asyncio.wait(
+            {reader, status, failure, stopped}, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in (reader, status, failure):
+            if task in done:
+                task.result()  # raises the failure
+        # Stop requested: no more WAL; let what is in flight be acked and confirmed.
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        drained = await sink.drain(settings.shutdown_timeout)
+        if not drained:
+            log.warning(
+                "stopping with %d messages unacknowledged after %.0fs; they will be "
+                "re-sent from the slot at the next start",
+                sink.in_flight,
+                settings.shutdown_timeout,
+            )
+    finally:
+        for task in (reader, status, failure, stopped):
+            task.cancel()
+        for task in (reader, status, failure, stopped):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+    log.info(
+        "stopped: %d changes in %d transactions published, confirmed up to %s",
+        stats.changes,
+        stats.transactions,
+        format_lsn(checkpointer.confirmed_lsn),
+    )
+
+
+async def _read(
+    source: ReplicationSource,
+    sink: JetStreamSink[TransactionTicket],
+    checkpointer: Checkpointer,
+    assembler: ChangeAssembler,
+    router: Router,
+    stats: BridgeStats,
+) -> None:
+    ticket: TransactionTicket | None = None
+    while True:
+        frame = await source.read_frame()
+        if type(frame) is PrimaryKeepalive:
+            checkpointer.keepalive(frame.wal_end)
+            if frame.reply_requested:
+                await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+            continue
+        message = decode_message(frame.payload)  # type: ignore[union-attr]
+        if type(message) is Relation:
+            router.forget_table(message.oid)
+        for event in assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
+            kind = type(event)
+            if kind is Change:
+                assert isinstance(event, Change) and ticket is not None
+                outgoing = router.route_change(event)
+                if outgoing is None:
+                    continue
+                checkpointer.published(ticket)
+                await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, ticket)
+                stats.changes += 1
+            elif kind is TransactionBegin:
+                ticket = checkpointer.begin()
+            elif kind is TransactionEnd:
+                assert isinstance(event, TransactionEnd) and ticket is not None
+                checkpointer.commit(ticket, event.end_lsn)
+                ticket = None
+                stats.transactions += 1
+            elif kind is MessageEvent:
+                assert isinstance(event, MessageEvent)
+                outgoing = router.route_message(event)
+                if outgoing is None:
+                    continue
+                owner = ticket if event.transactional else checkpointer.standalone(event.lsn)
+                assert owner is not None
+                checkpointer.published(owner)
+                await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
+
+
+async def _send_status(
+    source: ReplicationSource, checkpointer: Checkpointer, progress: asyncio.Event, interval: float
+) -> None:
+    """Standby status updates: every ``interval`` seconds, and soon after the checkpoint moves."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(progress.wait(), timeout=interval)
+        progress.clear()
+        await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+        await asyncio.sleep(STATUS_COALESCE_SECONDS)

@@ -1,0 +1,314 @@
+"""Pre-flight and setup on an ordinary PostgreSQL connection, before streaming starts.
+
+Checks what would otherwise fail later or, worse, silently: ``wal_level``, the server
+version, that every configured table exists with a usable key and replica identity,
+and that every subject placeholder names a column that will be there for every kind of
+change. Then creates what is missing when the config allows it: the publication (for the
+configured tables only) and the logical slot (publication first, so the slot never
+decodes a change the publication did not yet cover). ``sql/setup.sql`` holds the same
+statements for a DBA who prefers to run them by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from cdc_bridge.errors import SetupError
+from cdc_bridge.lsn import Lsn, parse_lsn
+from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
+
+__all__ = ["DatabaseState", "TableCatalog", "prepare_database"]
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = 140000
+
+
+@dataclass(frozen=True, slots=True)
+class TableCatalog:
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    replica_identity: str  # 'd' default, 'n' nothing, 'f' full, 'i' index
+    identity_columns: tuple[str, ...]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def sql_name(self) -> str:
+        return f"{_quote(self.schema)}.{_quote(self.table)}"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseState:
+    server_version: int
+    tables: dict[str, TableCatalog]
+    key_columns: dict[str, tuple[str, ...]]
+    confirmed_flush_lsn: Lsn
+    slot_created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TableRequest:
+    """What the config asks of one table."""
+
+    subject: str
+    key: tuple[str, ...] | None
+
+
+def prepare_database(
+    conninfo: str,
+    *,
+    slot: str,
+    publication: str,
+    tables: Mapping[str, TableRequest],
+    create_if_missing: bool,
+    connect_timeout: float = 10.0,
+) -> DatabaseState:
+    """Run every check and create what is missing; raise :class:`SetupError` on a problem."""
+    try:
+        conn = psycopg.connect(
+            conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
+        )
+    except psycopg.ProgrammingError as exc:
+        raise SetupError(f"postgres.dsn is not a valid connection string: {_first_line(exc)}") from None
+    except psycopg.Error as exc:
+        raise SetupError(
+            f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)"
+        ) from None
+    with conn:
+        try:
+            return _prepare(conn, slot, publication, tables, create_if_missing)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise SetupError(
+                f"permission denied: {_first_line(exc)} (the role needs REPLICATION, or "
+                "rds_replication on RDS, plus SELECT on the tables and CREATE on the "
+                "database for the publication; see sql/setup.sql)"
+            ) from None
+        except psycopg.Error as exc:
+            raise SetupError(f"PostgreSQL setup failed: {_first_line(exc)}") from None
+
+
+def _prepare(
+    conn: psycopg.Connection[tuple[object, ...]],
+    slot: str,
+    publication: str,
+    requests: Mapping[str, TableRequest],
+    create_if_missing: bool,
+) -> DatabaseState:
+    version = conn.info.server_version
+    if version < MIN_SERVER_VERSION:
+        raise SetupError(
+            f"PostgreSQL {version // 10000} is too old: cdc-bridge needs 14 or newer"
+        )
+    wal_level = _scalar(conn, "SHOW wal_level")
+    if wal_level != "logical":
+        raise SetupError(
+            f"wal_level is {wal_level!r} but must be 'logical': set wal_level = logical in "
+            "postgresql.conf (on RDS: rds.logical_replication = 1 in the parameter group) "
+            "and restart PostgreSQL"
+        )
+    catalogs = {name: _load_table(conn, name) for name in requests}
+    keys = {name: _check_table(catalogs[name], request) for name, request in requests.items()}
+    _ensure_publication(conn, publication, list(catalogs.values()), create_if_missing)
+    confirmed, created = _ensure_slot(conn, slot, create_if_missing)
+    return DatabaseState(version, catalogs, keys, confirmed, created)
+
+
+def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> TableCatalog:
+    schema, table = name.split(".", 1)
+    row = conn.execute(
+        """
+        SELECT c.oid, c.relreplident, c.relkind
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s
+        """,
+        (schema, table),
+    ).fetchone()
+    if row is None:
+        raise SetupError(
+            f"table {name} does not exist (check the tables: section of the config; "
+            "names are case-sensitive)"
+        )
+    oid, replident, relkind = row
+    if relkind not in ("r", "p"):
+        raise SetupError(f"{name} is not a table (relkind {relkind!r}); only tables can be streamed")
+    columns = tuple(
+        str(r[0])
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+    )
+    primary_key = _index_columns(conn, oid, "indisprimary")
+    identity_index = _index_columns(conn, oid, "indisreplident")
+    replica_identity = str(replident)
+    identity: tuple[str, ...]
+    if replica_identity == "f":
+        identity = columns
+    elif replica_identity == "i":
+        identity = identity_index
+    elif replica_identity == "d":
+        identity = primary_key
+    else:
+        identity = ()
+    return TableCatalog(schema, table, columns, primary_key, replica_identity, identity)
+
+
+def _index_columns(conn: psycopg.Connection[tuple[object, ...]], oid: object, flag: str) -> tuple[str, ...]:
+    query = sql.SQL(
+        """
+        SELECT a.attname
+        FROM pg_index i
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) ON true
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = %s AND i.{flag}
+        ORDER BY k.position
+        """
+    ).format(flag=sql.Identifier(flag))
+    return tuple(str(r[0]) for r in conn.execute(query, (oid,)))
+
+
+def _check_table(table: TableCatalog, request: TableRequest) -> tuple[str, ...]:
+    """Validate key and subject placeholders; return the key columns to use."""
+    name = table.qualified_name
+    if not table.identity_columns:
+        raise SetupError(
+            f"table {name} has no primary key and no replica identity: once published, its "
+            "UPDATEs and DELETEs would fail; add a primary key, or run "
+            f"ALTER TABLE {table.sql_name} REPLICA IDENTITY FULL"
+        )
+    if request.key is not None:
+        missing = [c for c in request.key if c not in table.columns]
+        if missing:
+            raise SetupError(f"tables.{name}.key names columns {missing} that {name} does not have")
+        key = request.key
+    else:
+        key = table.primary_key or table.identity_columns
+    placeholders = SubjectTemplate(request.subject).placeholders - BUILTIN_PLACEHOLDERS
+    unknown = sorted(p for p in placeholders if p not in table.columns)
+    if unknown:
+        raise SetupError(
+            f"tables.{name}.subject uses {{{unknown[0]}}} but {name} has no such column "
+            f"(columns: {', '.join(table.columns)})"
+        )
+    not_logged = sorted(p for p in placeholders if p not in table.identity_columns)
+    if not_logged:
+        raise SetupError(
+            f"tables.{name}.subject uses {{{not_logged[0]}}}, which PostgreSQL does not log for "
+            f"DELETEs under the table's replica identity, so deletes could not be routed: run "
+            f"ALTER TABLE {table.sql_name} REPLICA IDENTITY FULL, or route by key columns only"
+        )
+    return key
+
+
+def _ensure_publication(
+    conn: psycopg.Connection[tuple[object, ...]],
+    publication: str,
+    tables: list[TableCatalog],
+    create_if_missing: bool,
+) -> None:
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    table_list = sql.SQL(", ").join(
+        sql.Identifier(t.schema, t.table) for t in tables
+    )
+    if exists is None:
+        if not create_if_missing:
+            raise SetupError(
+                f"publication {publication!r} does not exist and postgres.create_if_missing is "
+                f"false (run sql/setup.sql, or set postgres.create_if_missing: true)"
+            )
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(publication), table_list)
+        )
+        log.info("created publication %s for %s", publication, ", ".join(t.qualified_name for t in tables))
+        return
+    published = {
+        f"{r[0]}.{r[1]}"
+        for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+            (publication,),
+        )
+    }
+    missing = [t for t in tables if t.qualified_name not in published]
+    if not missing:
+        return
+    names = ", ".join(t.qualified_name for t in missing)
+    if not create_if_missing:
+        raise SetupError(
+            f"publication {publication!r} does not include {names} (run ALTER PUBLICATION "
+            f"{publication} ADD TABLE {names}, or set postgres.create_if_missing: true)"
+        )
+    conn.execute(
+        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+            sql.Identifier(publication),
+            sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in missing),
+        )
+    )
+    log.info("added %s to publication %s", names, publication)
+
+
+def _ensure_slot(
+    conn: psycopg.Connection[tuple[object, ...]], slot: str, create_if_missing: bool
+) -> tuple[Lsn, bool]:
+    row = conn.execute(
+        """
+        SELECT plugin, database, confirmed_flush_lsn::text, wal_status, current_database()
+        FROM pg_replication_slots WHERE slot_name = %s
+        """,
+        (slot,),
+    ).fetchone()
+    if row is None:
+        if not create_if_missing:
+            raise SetupError(
+                f"replication slot {slot!r} does not exist and postgres.create_if_missing is "
+                "false (run sql/setup.sql, or set postgres.create_if_missing: true)"
+            )
+        created = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
+        ).fetchone()
+        assert created is not None
+        log.info("created replication slot %s at %s", slot, created[0])
+        return parse_lsn(str(created[0])), True
+    plugin, database, confirmed, wal_status, current = row
+    if plugin != "pgoutput":
+        raise SetupError(
+            f"replication slot {slot!r} uses plugin {plugin!r}, not pgoutput "
+            "(choose another postgres.slot, or drop that slot)"
+        )
+    if database != current:
+        raise SetupError(
+            f"replication slot {slot!r} belongs to database {database!r}, not {current!r} "
+            "(choose another postgres.slot)"
+        )
+    if wal_status == "lost":
+        raise SetupError(
+            f"replication slot {slot!r} is invalidated (wal_status = lost): the WAL it needed "
+            "was removed and changes were lost; drop and recreate the slot, then re-snapshot"
+        )
+    return parse_lsn(str(confirmed)), False
+
+
+def _scalar(conn: psycopg.Connection[tuple[object, ...]], query: str) -> object:
+    row = conn.execute(query).fetchone()
+    return None if row is None else row[0]
+
+
+def _quote(identifier: str) -> str:
+    if identifier.isidentifier() and identifier == identifier.lower():
+        return identifier
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

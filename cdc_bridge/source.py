@@ -1,0 +1,176 @@
+"""Replication source: the only module that speaks the replication protocol to PostgreSQL.
+
+It opens a ``replication=database`` connection with psycopg 3, runs ``START_REPLICATION``
+and then drives the CopyBoth stream through the raw libpq connection (``conn.pgconn``)
+on the asyncio loop: the socket is watched with ``loop.add_reader``, frames are pulled
+with ``get_copy_data`` and standby status updates are pushed with ``put_copy_data``.
+I/O only: frames go out parsed (``cdc_bridge.pgoutput.frames``), decoding happens
+elsewhere.
+
+The session runs with fixed output settings (ISO dates, UTC, full float precision, hex
+bytea) because pgoutput formats values with the walsender's settings, and the value
+converters rely on those formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+from psycopg import pq, sql
+
+from cdc_bridge.errors import SourceError
+from cdc_bridge.lsn import format_lsn
+from cdc_bridge.pgoutput import (
+    PrimaryKeepalive,
+    XLogData,
+    encode_standby_status,
+    parse_copy_frame,
+    pg_now_micros,
+)
+
+__all__ = ["SESSION_OPTIONS", "ReplicationSource"]
+
+log = logging.getLogger(__name__)
+
+#: Output settings for the walsender session (see the module docstring).
+SESSION_OPTIONS = (
+    "-c datestyle=ISO -c intervalstyle=postgres -c timezone=UTC "
+    "-c extra_float_digits=3 -c bytea_output=hex"
+)
+
+
+class ReplicationSource:
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[object, ...]], slot: str) -> None:
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._slot = slot
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._socket = self._pgconn.socket
+        self._loop.add_reader(self._socket, self._readable.set)
+        self._closed = False
+        self.received_lsn = 0  # highest WAL position seen in the stream
+        self.status_updates = 0
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        slot: str,
+        publication: str,
+        start_lsn: int = 0,
+        messages: bool = True,
+        connect_timeout: float = 10.0,
+    ) -> ReplicationSource:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo,
+                replication="database",
+                autocommit=True,
+                options=SESSION_OPTIONS,
+                connect_timeout=max(1, int(connect_timeout)),
+                application_name="cdc-bridge",
+            )
+        except psycopg.Error as exc:
+            raise SourceError(f"cannot open a replication connection: {_first_line(exc)}") from None
+        command = sql.SQL(
+            "START_REPLICATION SLOT {slot} LOGICAL {lsn} "
+            "(proto_version '1', publication_names {publications}, messages {messages})"
+        ).format(
+            slot=sql.Identifier(slot),
+            lsn=sql.SQL(format_lsn(start_lsn)),
+            publications=sql.Literal(sql.Identifier(publication).as_string(conn)),
+            messages=sql.Literal("true" if messages else "false"),
+        )
+        try:
+            await conn.execute(command)
+        except psycopg.Error as exc:
+            await _close_quietly(conn)
+            raise SourceError(f"cannot start replication from slot {slot!r}: {_first_line(exc)}") from None
+        if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            await _close_quietly(conn)
+            raise SourceError(f"START_REPLICATION on slot {slot!r} did not enter COPY mode")
+        conn.pgconn.nonblocking = 1
+        log.info("replication started on slot %s from %s", slot, format_lsn(start_lsn))
+        return cls(conn, slot)
+
+    async def read_frame(self) -> XLogData | PrimaryKeepalive:
+        """The next CopyBoth frame; raises :class:`SourceError` when the stream ends."""
+        pgconn = self._pgconn
+        while True:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                frame = parse_copy_frame(bytes(data))
+                if frame.wal_end > self.received_lsn:
+                    self.received_lsn = frame.wal_end
+                return frame
+            if nbytes == 0:
+                self._readable.clear()
+                await self._readable.wait()
+                try:
+                    pgconn.consume_input()
+                except psycopg.Error:
+                    raise SourceError(f"replication connection lost: {_pq_error(pgconn)}") from None
+                continue
+            raise SourceError(f"replication stream ended: {self._stream_end_reason()}")
+
+    def _stream_end_reason(self) -> str:
+        result = self._pgconn.get_result()
+        if result is not None and result.error_message:
+            return result.error_message.decode(errors="replace").strip()
+        return _pq_error(self._pgconn) or "the server closed the stream"
+
+    async def send_status(self, *, flush_lsn: int, reply_requested: bool = False) -> None:
+        """Send a standby status update confirming ``flush_lsn``."""
+        frame = encode_standby_status(
+            write_lsn=max(self.received_lsn, flush_lsn),
+            flush_lsn=flush_lsn,
+            apply_lsn=flush_lsn,
+            now_micros=pg_now_micros(),
+            reply_requested=reply_requested,
+        )
+        pgconn = self._pgconn
+        if pgconn.put_copy_data(frame) != 1:
+            raise SourceError(f"cannot send standby status update: {_pq_error(pgconn)}")
+        while True:
+            pending = pgconn.flush()
+            if pending == 0:
+                break
+            if pending < 0:
+                raise SourceError(f"cannot send standby status update: {_pq_error(pgconn)}")
+            # The socket buffer is full: wait until it drains.
+            self._writable.clear()
+            self._loop.add_writer(self._socket, self._writable.set)
+            try:
+                await self._writable.wait()
+            finally:
+                self._loop.remove_writer(self._socket)
+        self.status_updates += 1
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._socket)
+        # Closing explicitly: leaving a `with` block would try to commit, which fails
+        # while the connection is in COPY_BOTH.
+        await _close_quietly(self._conn)
+
+
+async def _close_quietly(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
+def _pq_error(pgconn: pq.abc.PGconn) -> str:
+    return pgconn.error_message.decode(errors="replace").strip()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

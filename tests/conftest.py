@@ -1,0 +1,3 @@
+"""Shared pytest configuration: real-server fixtures live in tests/fixtures/servers.py."""
+
+pytest_plugins = ("tests.fixtures.servers",)
