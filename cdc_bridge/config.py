@@ -31,6 +31,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from cdc_bridge.errors import ConfigError
@@ -265,9 +266,9 @@ def _yaml_context(data: Mapping[str, Any]) -> Iterator[None]:
 def _read_yaml(path: Path) -> Mapping[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
-            f"cannot read config file {path}: {exc.strerror or exc} "
+            f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc} "
             f"(pass an existing file with --config or {CONFIG_ENV})"
         ) from None
     try:
@@ -310,7 +311,9 @@ def _format_validation_error(exc: ValidationError) -> str:
         else:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{location}: {message}")
-    return "invalid configuration: " + "; ".join(problems)
+    # Keys and values come from the user: keep the message on one line whatever they hold.
+    text = "invalid configuration: " + "; ".join(problems)
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
@@ -328,3 +331,6 @@ def load_settings(path: str | Path | None = None) -> Settings:
             return Settings()
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+    except SettingsError as exc:
+        # e.g. a missing secrets directory, or an environment value that is not valid JSON
+        raise ConfigError(f"invalid configuration: {exc}") from None

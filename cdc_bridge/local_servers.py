@@ -18,7 +18,10 @@ PyPI (the ``embedded`` extra):
 Each server gets its own fresh directory, listens on ``127.0.0.1`` on a free port
 (default ports are never assumed to be free), logs to a file in that directory, and
 is torn down by ``cleanup()``.  Nothing global is registered: callers own the
-lifetime (``try``/``finally`` or a pytest fixture).
+lifetime (``try``/``finally`` or a pytest fixture).  The servers run as our child
+processes (so we reap them) in their own session, so a Ctrl-C in the terminal
+reaches only the caller, which can then shut its own work down while the servers
+are still up, and stop them last.
 
 PostgreSQL refuses to run as root.  When the effective uid is 0 the servers run as
 the system user ``cdcbridge-pg`` (created on demand), from a directory that user can
@@ -260,8 +263,9 @@ def _bin_dir_for(user: _OsUser | None, bin_dir: Path, explicit: bool) -> Path:
     """A bin dir `user` can execute from, copying the embedded tree if necessary."""
     if user is None:
         return bin_dir
-    if _user_can(user, "-x", bin_dir / "postgres") and _user_can(
-        user, "-r", bin_dir.parent / "share"
+    share = bin_dir.parent / "share"  # embedded layout; Debian's lives in /usr/share
+    if _user_can(user, "-x", bin_dir / "postgres") and (
+        not share.is_dir() or _user_can(user, "-r", share)
     ):
         return bin_dir
     if explicit:
@@ -373,6 +377,7 @@ class LocalPostgres:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # see the module docstring
                 **self._user_kwargs(),
             )
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -723,6 +728,7 @@ def _spawn_nats(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # see the module docstring
         )
 
 

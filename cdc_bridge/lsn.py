@@ -4,6 +4,7 @@ PostgreSQL prints an LSN as two hex halves, ``"16/B374D848"``; everything inside
 bridge works on plain ints wrapped in a NewType so the two never get mixed up.
 """
 
+import re
 from typing import NewType
 
 __all__ = ["INVALID_LSN", "Lsn", "format_lsn", "parse_lsn"]
@@ -14,16 +15,17 @@ INVALID_LSN = Lsn(0)
 
 _MAX_LSN = (1 << 64) - 1
 
+# Exactly 1-8 ASCII hex digits per half: int(x, 16) alone would also take a sign,
+# underscores, a 0x prefix, inner spaces and non-ASCII digits.
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
 
 def parse_lsn(text: str) -> Lsn:
     """Parse ``"XXX/XXX"`` into an :data:`Lsn`; raise ``ValueError`` on anything else."""
-    high, sep, low = text.strip().partition("/")
-    if not sep or not high or not low or len(high) > 8 or len(low) > 8:
+    match = _LSN_TEXT.fullmatch(text.strip())
+    if match is None:
         raise ValueError(f"not an LSN: {text!r} (expected two hex halves like '0/16B3748')")
-    try:
-        return Lsn((int(high, 16) << 32) | int(low, 16))
-    except ValueError:
-        raise ValueError(f"not an LSN: {text!r} (expected two hex halves like '0/16B3748')") from None
+    return Lsn((int(match[1], 16) << 32) | int(match[2], 16))
 
 
 def format_lsn(lsn: int) -> str:

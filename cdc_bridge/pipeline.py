@@ -23,7 +23,7 @@ from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import Settings
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.pgoutput import PrimaryKeepalive, Relation, decode_message
-from cdc_bridge.provisioning import DatabaseState, TableRequest, prepare_database
+from cdc_bridge.provisioning import DatabaseState, TableRequest, check_database, ensure_replication
 from cdc_bridge.router import Router
 from cdc_bridge.routing import SubjectTemplate
 from cdc_bridge.sink import JetStreamSink, StreamSpec, stream_subjects
@@ -82,21 +82,14 @@ async def run_bridge(
     """Stream changes until ``stop`` is set; raise a :class:`CdcBridgeError` on failure."""
     stats = stats or BridgeStats()
     pg = settings.postgres
-    state: DatabaseState = await asyncio.to_thread(
-        prepare_database,
-        settings.conninfo(),
-        slot=pg.slot,
-        publication=pg.publication,
-        tables=table_requests(settings),
-        create_if_missing=pg.create_if_missing,
-        connect_timeout=pg.connect_timeout,
-    )
     progress = asyncio.Event()
-    checkpointer = Checkpointer(state.confirmed_flush_lsn, on_advance=progress.set)
+    checkpointer: Checkpointer | None = None
 
     def on_ack(ticket: TransactionTicket, duplicate: bool) -> None:
+        assert checkpointer is not None
         checkpointer.acked(ticket)
 
+    # NATS first: a bridge that cannot publish should not create a slot that pins WAL.
     sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
         settings.nats.url,
         on_ack=on_ack,
@@ -105,12 +98,29 @@ async def run_bridge(
         connect_timeout=settings.nats.connect_timeout,
     )
     try:
+        # Check everything before creating anything (stream, publication, slot).
+        state: DatabaseState = await asyncio.to_thread(
+            check_database,
+            settings.conninfo(),
+            tables=table_requests(settings),
+            connect_timeout=pg.connect_timeout,
+        )
         await sink.ensure_stream(stream_spec(settings))
+        confirmed, _ = await asyncio.to_thread(
+            ensure_replication,
+            settings.conninfo(),
+            state,
+            slot=pg.slot,
+            publication=pg.publication,
+            create_if_missing=pg.create_if_missing,
+            connect_timeout=pg.connect_timeout,
+        )
+        checkpointer = Checkpointer(confirmed, on_advance=progress.set)
         source = await ReplicationSource.open(
             settings.conninfo(),
             slot=pg.slot,
             publication=pg.publication,
-            start_lsn=state.confirmed_flush_lsn,
+            start_lsn=confirmed,
             connect_timeout=pg.connect_timeout,
         )
         try:

@@ -22,7 +22,7 @@ from cdc_bridge.errors import SetupError
 from cdc_bridge.lsn import Lsn, parse_lsn
 from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
 
-__all__ = ["DatabaseState", "TableCatalog", "prepare_database"]
+__all__ = ["DatabaseState", "TableCatalog", "TableRequest", "check_database", "ensure_replication"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ class DatabaseState:
     server_version: int
     tables: dict[str, TableCatalog]
     key_columns: dict[str, tuple[str, ...]]
-    confirmed_flush_lsn: Lsn
-    slot_created: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,45 +62,56 @@ class TableRequest:
     key: tuple[str, ...] | None
 
 
-def prepare_database(
-    conninfo: str,
-    *,
-    slot: str,
-    publication: str,
-    tables: Mapping[str, TableRequest],
-    create_if_missing: bool,
-    connect_timeout: float = 10.0,
-) -> DatabaseState:
-    """Run every check and create what is missing; raise :class:`SetupError` on a problem."""
+def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
     try:
-        conn = psycopg.connect(
-            conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
-        )
+        return psycopg.connect(conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
     except psycopg.ProgrammingError as exc:
         raise SetupError(f"postgres.dsn is not a valid connection string: {_first_line(exc)}") from None
     except psycopg.Error as exc:
-        raise SetupError(
-            f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)"
-        ) from None
-    with conn:
+        raise SetupError(f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)") from None
+
+
+def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return SetupError(
+            f"permission denied: {_first_line(exc)} (the role needs REPLICATION, or "
+            "rds_replication on RDS, plus SELECT on the tables and CREATE on the "
+            "database for the publication; see sql/setup.sql)"
+        )
+    return SetupError(f"{action} failed: {_first_line(exc)}")
+
+
+def check_database(
+    conninfo: str, *, tables: Mapping[str, TableRequest], connect_timeout: float = 10.0
+) -> DatabaseState:
+    """Check server, ``wal_level`` and tables; raise :class:`SetupError` on a problem."""
+    with _connect(conninfo, connect_timeout) as conn:
         try:
-            return _prepare(conn, slot, publication, tables, create_if_missing)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise SetupError(
-                f"permission denied: {_first_line(exc)} (the role needs REPLICATION, or "
-                "rds_replication on RDS, plus SELECT on the tables and CREATE on the "
-                "database for the publication; see sql/setup.sql)"
-            ) from None
+            return _check(conn, tables)
         except psycopg.Error as exc:
-            raise SetupError(f"PostgreSQL setup failed: {_first_line(exc)}") from None
+            raise _translate_errors("checking the database", exc) from None
 
 
-def _prepare(
-    conn: psycopg.Connection[tuple[object, ...]],
+def ensure_replication(
+    conninfo: str,
+    state: DatabaseState,
+    *,
     slot: str,
     publication: str,
-    requests: Mapping[str, TableRequest],
     create_if_missing: bool,
+    connect_timeout: float = 10.0,
+) -> tuple[Lsn, bool]:
+    """Create or check publication and slot; return (confirmed_flush_lsn, slot created)."""
+    with _connect(conninfo, connect_timeout) as conn:
+        try:
+            _ensure_publication(conn, publication, list(state.tables.values()), create_if_missing)
+            return _ensure_slot(conn, slot, create_if_missing)
+        except psycopg.Error as exc:
+            raise _translate_errors("setting up replication", exc) from None
+
+
+def _check(
+    conn: psycopg.Connection[tuple[object, ...]], requests: Mapping[str, TableRequest]
 ) -> DatabaseState:
     version = conn.info.server_version
     if version < MIN_SERVER_VERSION:
@@ -118,9 +127,7 @@ def _prepare(
         )
     catalogs = {name: _load_table(conn, name) for name in requests}
     keys = {name: _check_table(catalogs[name], request) for name, request in requests.items()}
-    _ensure_publication(conn, publication, list(catalogs.values()), create_if_missing)
-    confirmed, created = _ensure_slot(conn, slot, create_if_missing)
-    return DatabaseState(version, catalogs, keys, confirmed, created)
+    return DatabaseState(version, catalogs, keys)
 
 
 def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> TableCatalog:

