@@ -15,8 +15,18 @@ ARGS   ?=
 
 venv .venv: $(VENV)/.installed-dev
 
+# A virtualenv that was copied, moved or checked out from elsewhere has a python
+# that belongs to another prefix (and scripts whose #! point there): rebuild it.
+VENV_OK := $(shell $(BIN)/python -c 'import os, sys; \
+	sys.exit(os.path.realpath(sys.prefix) != os.path.realpath("$(VENV)"))' \
+	>/dev/null 2>&1 && echo yes)
+ifneq ($(VENV_OK),yes)
+.PHONY: $(BIN)/python
+endif
+
+# --clear also drops the install stamps, so the extras get installed again.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 
 # Re-install only when pyproject.toml changed since the last install.
 # The dev extra includes the embedded one, so it refreshes both stamps.

@@ -81,7 +81,8 @@ def main() -> None:
     "config_path",
     envvar="CDC_BRIDGE_CONFIG",
     type=click.Path(dir_okay=False),
-    help="YAML config file (default: $CDC_BRIDGE_CONFIG). Env vars CDC_BRIDGE_<SECTION>__<KEY> override it.",
+    help="YAML config file (default: $CDC_BRIDGE_CONFIG). "
+    "Env vars CDC_BRIDGE_<SECTION>__<KEY> override it.",
 )
 def run(config_path: str | None) -> None:
     """Stream the configured tables' changes to JetStream until stopped.
@@ -107,8 +108,15 @@ def run(config_path: str | None) -> None:
 
 @main.command()
 @click.option("--verbose", "-v", is_flag=True, help="Print full message bodies and headers.")
-@click.option("--rate", default=5.0, show_default=True, help="Chat changes per second in the trickle.")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option(
+    "--rate", default=5.0, show_default=True, help="Chat changes per second in the trickle."
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    help="Stop after this many seconds (default: until Ctrl-C).",
+)
 @click.option(
     "--burst",
     type=int,

@@ -103,7 +103,9 @@ class PostgresSettings(_Section):
 class NatsSettings(_Section):
     """Where to publish changes to."""
 
-    url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated")
+    url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS server URL(s), comma separated"
+    )
     stream: str = Field(default="cdc-bridge", description="JetStream stream name")
     create_stream: bool = Field(default=True, description="create the stream if it does not exist")
     subjects: list[str] | None = Field(
@@ -145,9 +147,7 @@ class TableSettings(_Section):
         default="cdc.{schema}.{table}.{op}",
         description="subject template; placeholders: {schema} {table} {op} and column names",
     )
-    key: list[str] | None = Field(
-        default=None, description="key columns; default: the primary key"
-    )
+    key: list[str] | None = Field(default=None, description="key columns; default: the primary key")
 
     @field_validator("subject")
     @classmethod
@@ -233,11 +233,11 @@ class Settings(BaseSettings):
                     secrets_nested_delimiter="__",
                 )
             )
-        sources.append(_YamlDataSource(settings_cls, _yaml_data.get()))
+        sources.append(_YamlDataSource(settings_cls, _yaml_data.get() or {}))
         return tuple(sources)
 
 
-_yaml_data: ContextVar[Mapping[str, Any]] = ContextVar("cdc_bridge_yaml_data", default={})
+_yaml_data: ContextVar[Mapping[str, Any] | None] = ContextVar("cdc_bridge_yaml_data", default=None)
 
 
 class _YamlDataSource(PydanticBaseSettingsSource):
@@ -281,7 +281,9 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not {type(data).__name__}"
+        )
     return data
 
 
@@ -305,7 +307,9 @@ def _format_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
-            problems.append(f"{location}: unknown key (check the spelling; see config/example.yaml)")
+            problems.append(
+                f"{location}: unknown key (check the spelling; see config/example.yaml)"
+            )
         elif error["type"] == "missing":
             problems.append(f"{location}: required key is missing")
         else:

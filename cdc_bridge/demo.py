@@ -57,7 +57,11 @@ _LINES = [
 
 def demo_settings(postgres: LocalPostgres, server: LocalNats) -> Settings:
     return Settings(
-        postgres={"dsn": postgres.dsn(), "slot": "cdc_bridge_demo", "publication": "cdc_bridge_demo"},
+        postgres={
+            "dsn": postgres.dsn(),
+            "slot": "cdc_bridge_demo",
+            "publication": "cdc_bridge_demo",
+        },
         nats={"url": server.url, "stream": STREAM, "max_age": 3600},
         tables={"public.conversations": {"subject": SUBJECT}},
         shutdown_timeout=10,
@@ -133,6 +137,7 @@ class _Counter:
 async def _watch(url: str, verbose: bool, received: _Counter) -> Any:
     nc = await nats.connect(url)
     js = nc.jetstream()
+
     async def show(msg: Any) -> None:
         received.count += 1
         received.changed.set()
@@ -149,7 +154,10 @@ async def _watch(url: str, verbose: bool, received: _Counter) -> Any:
         if verbose:
             for name, value in (msg.headers or {}).items():
                 click.echo(f"    {name}: {value}")
-            click.echo("    " + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode().replace("\n", "\n    "))
+            click.echo(
+                "    "
+                + orjson.dumps(body, option=orjson.OPT_INDENT_2).decode().replace("\n", "\n    ")
+            )
 
     sub = await js.subscribe("messages.>", stream=STREAM, ordered_consumer=True, cb=show)
     return _Watcher(nc, sub)
@@ -166,7 +174,9 @@ class _Watcher:
         await self._nc.close()
 
 
-async def _burst(postgres: LocalPostgres, rows: int, received: _Counter, bridge: asyncio.Task[None]) -> None:
+async def _burst(
+    postgres: LocalPostgres, rows: int, received: _Counter, bridge: asyncio.Task[None]
+) -> None:
     """Insert ``rows`` rows in transactions of 1,000 and time their arrival in the stream."""
     received.quiet = True
     click.echo(f"burst: inserting {rows} rows ...")

@@ -30,7 +30,9 @@ from cdc_bridge.pgoutput import pg_timestamp_to_iso
 __all__ = ["encode_change", "encode_message"]
 
 
-def _source(slot: str, lsn: int, commit_lsn: int, xid: int | None, ts: int | None, index: int) -> dict[str, Any]:
+def _source(
+    slot: str, lsn: int, commit_lsn: int, xid: int | None, ts: int | None, index: int
+) -> dict[str, Any]:
     return {
         "slot": slot,
         "lsn": format_lsn(lsn),

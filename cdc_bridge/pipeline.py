@@ -18,9 +18,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cdc_bridge.changes import Change, ChangeAssembler, MessageEvent, TransactionBegin, TransactionEnd
+from cdc_bridge.changes import (
+    Change,
+    ChangeAssembler,
+    TransactionBegin,
+    TransactionEnd,
+)
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import Settings
+from cdc_bridge.errors import DecodeError
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.pgoutput import PrimaryKeepalive, Relation, decode_message
 from cdc_bridge.provisioning import DatabaseState, TableRequest, check_database, ensure_replication
@@ -183,11 +189,12 @@ async def _stream(
                 settings.shutdown_timeout,
             )
     finally:
-        for task in (reader, status, failure, stopped):
-            task.cancel()
-        for task in (reader, status, failure, stopped):
+        tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
+        for pending in tasks:
+            pending.cancel()
+        for pending in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await pending
     await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
     log.info(
         "stopped: %d changes in %d transactions published, confirmed up to %s",
@@ -217,29 +224,30 @@ async def _read(
         if type(message) is Relation:
             router.forget_table(message.oid)
         for event in assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
-            kind = type(event)
-            if kind is Change:
-                assert isinstance(event, Change) and ticket is not None
+            if isinstance(event, Change):
                 outgoing = router.route_change(event)
                 if outgoing is None:
                     continue
+                if ticket is None:
+                    raise DecodeError("row change outside a transaction")
                 checkpointer.published(ticket)
                 await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, ticket)
                 stats.changes += 1
-            elif kind is TransactionBegin:
+            elif isinstance(event, TransactionBegin):
                 ticket = checkpointer.begin()
-            elif kind is TransactionEnd:
-                assert isinstance(event, TransactionEnd) and ticket is not None
+            elif isinstance(event, TransactionEnd):
+                if ticket is None:
+                    raise DecodeError("Commit without Begin")
                 checkpointer.commit(ticket, event.end_lsn)
                 ticket = None
                 stats.transactions += 1
-            elif kind is MessageEvent:
-                assert isinstance(event, MessageEvent)
+            else:
                 outgoing = router.route_message(event)
                 if outgoing is None:
                     continue
                 owner = ticket if event.transactional else checkpointer.standalone(event.lsn)
-                assert owner is not None
+                if owner is None:
+                    raise DecodeError("transactional message outside a transaction")
                 checkpointer.published(owner)
                 await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
 

@@ -64,11 +64,17 @@ class TableRequest:
 
 def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
     try:
-        return psycopg.connect(conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
+        return psycopg.connect(
+            conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
+        )
     except psycopg.ProgrammingError as exc:
-        raise SetupError(f"postgres.dsn is not a valid connection string: {_first_line(exc)}") from None
+        raise SetupError(
+            f"postgres.dsn is not a valid connection string: {_first_line(exc)}"
+        ) from None
     except psycopg.Error as exc:
-        raise SetupError(f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)") from None
+        raise SetupError(
+            f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)"
+        ) from None
 
 
 def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
@@ -115,9 +121,7 @@ def _check(
 ) -> DatabaseState:
     version = conn.info.server_version
     if version < MIN_SERVER_VERSION:
-        raise SetupError(
-            f"PostgreSQL {version // 10000} is too old: cdc-bridge needs 14 or newer"
-        )
+        raise SetupError(f"PostgreSQL {version // 10000} is too old: cdc-bridge needs 14 or newer")
     wal_level = _scalar(conn, "SHOW wal_level")
     if wal_level != "logical":
         raise SetupError(
@@ -147,7 +151,9 @@ def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> Tabl
         )
     oid, replident, relkind = row
     if relkind not in ("r", "p"):
-        raise SetupError(f"{name} is not a table (relkind {relkind!r}); only tables can be streamed")
+        raise SetupError(
+            f"{name} is not a table (relkind {relkind!r}); only tables can be streamed"
+        )
     columns = tuple(
         str(r[0])
         for r in conn.execute(
@@ -171,7 +177,9 @@ def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> Tabl
     return TableCatalog(schema, table, columns, primary_key, replica_identity, identity)
 
 
-def _index_columns(conn: psycopg.Connection[tuple[object, ...]], oid: object, flag: str) -> tuple[str, ...]:
+def _index_columns(
+    conn: psycopg.Connection[tuple[object, ...]], oid: object, flag: str
+) -> tuple[str, ...]:
     query = sql.SQL(
         """
         SELECT a.attname
@@ -224,10 +232,10 @@ def _ensure_publication(
     tables: list[TableCatalog],
     create_if_missing: bool,
 ) -> None:
-    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
-    table_list = sql.SQL(", ").join(
-        sql.Identifier(t.schema, t.table) for t in tables
-    )
+    exists = conn.execute(
+        "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+    ).fetchone()
+    table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables)
     if exists is None:
         if not create_if_missing:
             raise SetupError(
@@ -235,9 +243,15 @@ def _ensure_publication(
                 f"false (run sql/setup.sql, or set postgres.create_if_missing: true)"
             )
         conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(publication), table_list)
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(publication), table_list
+            )
         )
-        log.info("created publication %s for %s", publication, ", ".join(t.qualified_name for t in tables))
+        log.info(
+            "created publication %s for %s",
+            publication,
+            ", ".join(t.qualified_name for t in tables),
+        )
         return
     published = {
         f"{r[0]}.{r[1]}"

@@ -77,7 +77,9 @@ class SubjectTemplate:
                     "braces, spaces, control characters, '*' or '>'"
                 )
         if any(not token for token in self.stream_filter_of(parts).split(".")):
-            raise ValueError(f"subject template {template!r} has an empty token ('..' or an edge '.')")
+            raise ValueError(
+                f"subject template {template!r} has an empty token ('..' or an edge '.')"
+            )
         self._parts = tuple(parts)
         self.placeholders = frozenset(text for is_placeholder, text in parts if is_placeholder)
 
@@ -124,7 +126,7 @@ class SubjectTemplate:
 
 
 def _filter_covers(stream_filter: str, subject: str) -> bool:
-    """True if every subject matched by ``subject`` (may hold wildcards) matches ``stream_filter``."""
+    """True if ``stream_filter`` matches every subject that ``subject`` (wildcards ok) matches."""
     wanted = subject.split(".")
     have = stream_filter.split(".")
     for index, token in enumerate(have):

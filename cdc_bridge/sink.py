@@ -123,10 +123,9 @@ class JetStreamSink(Generic[Ticket]):
                 timeout=connect_timeout + 1,
             )
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and last_error:
-                exc = last_error[-1]
+            cause: BaseException = last_error[-1] if last_error else exc
             raise SinkError(
-                f"cannot connect to NATS at {url}: {exc or type(exc).__name__} "
+                f"cannot connect to NATS at {url}: {cause or type(cause).__name__} "
                 "(check nats.url and that nats-server is running)"
             ) from None
         sink = cls(client, on_ack=on_ack, max_in_flight=max_in_flight, ack_timeout=ack_timeout)
@@ -184,7 +183,9 @@ class JetStreamSink(Generic[Ticket]):
                 "subjects to the stream, or change the table subject templates"
             )
 
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str], ticket: Ticket) -> None:
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str], ticket: Ticket
+    ) -> None:
         """Send one message; returns once it is written, not when it is acked."""
         self.raise_if_failed()
         await self._window.acquire()
@@ -224,12 +225,16 @@ class JetStreamSink(Generic[Ticket]):
         error = reply.get("error") if isinstance(reply, dict) else None
         if error is not None or not isinstance(reply, dict) or "seq" not in reply:
             status = msg.headers.get("Status") if msg.headers else None
-            reason = (
-                error.get("description", error) if isinstance(error, dict) else error
-            ) or (f"status {status}" if status else "no PubAck")
+            reason = (error.get("description", error) if isinstance(error, dict) else error) or (
+                f"status {status}" if status else "no PubAck"
+            )
             if status == "503":
                 reason = "no stream captures this subject (503 no responders)"
-            self._fail(PublishError(f"JetStream refused {pending.subject}: {reason}", subject=pending.subject))
+            self._fail(
+                PublishError(
+                    f"JetStream refused {pending.subject}: {reason}", subject=pending.subject
+                )
+            )
             return
         duplicate = bool(reply.get("duplicate"))
         if duplicate:
@@ -268,7 +273,7 @@ class JetStreamSink(Generic[Ticket]):
         """Return never; raise the sink's error as soon as it fails."""
         await asyncio.shield(self._failure)
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bounded wait is the point
         """Wait for every in-flight PubAck; True if all arrived in time and none failed."""
         try:
             await asyncio.wait_for(self._all_acked.wait(), timeout)

@@ -91,7 +91,9 @@ class ReplicationSource:
             await conn.execute(command)
         except psycopg.Error as exc:
             await _close_quietly(conn)
-            raise SourceError(f"cannot start replication from slot {slot!r}: {_first_line(exc)}") from None
+            raise SourceError(
+                f"cannot start replication from slot {slot!r}: {_first_line(exc)}"
+            ) from None
         if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
             await _close_quietly(conn)
             raise SourceError(f"START_REPLICATION on slot {slot!r} did not enter COPY mode")

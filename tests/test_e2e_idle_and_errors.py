@@ -145,7 +145,9 @@ def test_missing_table_and_unroutable_placeholder(
         stream=stream_name,
         tables={"public.conversations": {"subject": "messages.{conversation_id}"}},
     )
-    assert_one_line_error(run_cli(config), 1, "uses {conversation_id} but public.conversations has no such column")
+    assert_one_line_error(
+        run_cli(config), 1, "uses {conversation_id} but public.conversations has no such column"
+    )
     config = write_config(
         tmp_path / "identity.yaml",
         dsn=database,
@@ -172,6 +174,10 @@ def test_wal_level_not_logical(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)")
     config = write_config(
-        tmp_path / "config.yaml", dsn=dsn, nats_url=nats.url, stream=stream_name, tables={"public.t": {}}
+        tmp_path / "config.yaml",
+        dsn=dsn,
+        nats_url=nats.url,
+        stream=stream_name,
+        tables={"public.t": {}},
     )
     assert_one_line_error(run_cli(config), 1, "wal_level is 'replica' but must be 'logical'")

@@ -74,7 +74,9 @@ class Writer:
 def _assert_confirmed_not_ahead(dsn: str, url: str, stream: str, writer: Writer) -> None:
     """Every transaction that ended at or before the confirmed LSN is fully in the stream."""
     confirmed, _ = slot_state(dsn, "cdc_bridge")
-    in_stream = {m.body["after"]["id"] for m in read_stream(url, stream) if m.body["op"] == "insert"}
+    in_stream = {
+        m.body["after"]["id"] for m in read_stream(url, stream) if m.body["op"] == "insert"
+    }
     for transaction in writer.committed:
         if transaction.upper_lsn <= confirmed:
             missing = set(transaction.ids) - in_stream
@@ -142,7 +144,9 @@ def test_sigterm_and_sigkill_mid_stream_keep_every_change_exactly_once(
     assert sorted(i for op, i in map(_identity, messages) if op == "insert") == sorted(
         i for _, i in expected
     )
-    order = [(parse_lsn(m.body["source"]["commit_lsn"]), m.body["source"]["index"]) for m in messages]
+    order = [
+        (parse_lsn(m.body["source"]["commit_lsn"]), m.body["source"]["index"]) for m in messages
+    ]
     assert order == sorted(order), "messages are not in commit order"
 
     # The slot confirms exactly the end of the last transaction it published.

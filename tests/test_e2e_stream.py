@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from cdc_bridge.lsn import format_lsn, parse_lsn
 from tests.fixtures.bridge import BridgeProcess, read_stream, wait_for_messages, write_config
@@ -88,11 +89,20 @@ class Workload:
         self.rows = shadow
         self.committed.append(Transaction(xid, lower, self._lsn(), changes))
 
-    def _insert(self, shadow: dict[int, dict[str, Any]], xid: int, index: int, conversation: uuid.UUID, role: str, content: str, metadata: Any) -> Expected:
+    def _insert(
+        self,
+        shadow: dict[int, dict[str, Any]],
+        xid: int,
+        index: int,
+        conversation: uuid.UUID,
+        role: str,
+        content: str,
+        metadata: Any,
+    ) -> Expected:
         row = self.conn.execute(
             "INSERT INTO conversations (conversation_uuid, role, content, metadata, created_at) "
             "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-            (conversation, role, content, psycopg.types.json.Jsonb(metadata), CREATED_AT),
+            (conversation, role, content, Jsonb(metadata), CREATED_AT),
         ).fetchone()
         assert row is not None
         values = {
@@ -106,9 +116,17 @@ class Workload:
         shadow[values["id"]] = values
         return Expected("insert", {"id": values["id"]}, dict(values), None, [], xid, index)
 
-    def _update(self, shadow: dict[int, dict[str, Any]], xid: int, index: int, row_id: int, column: str, value: Any) -> Expected:
+    def _update(
+        self,
+        shadow: dict[int, dict[str, Any]],
+        xid: int,
+        index: int,
+        row_id: int,
+        column: str,
+        value: Any,
+    ) -> Expected:
         old = dict(shadow[row_id])
-        sql_value = psycopg.types.json.Jsonb(value) if column == "metadata" else value
+        sql_value = Jsonb(value) if column == "metadata" else value
         self.conn.execute(
             f"UPDATE conversations SET {column} = %s WHERE id = %s",  # column is a test literal
             (sql_value, row_id),
@@ -126,7 +144,9 @@ class Workload:
         before = old if self.full else None
         return Expected("update", {"id": row_id}, after, before, toast, xid, index)
 
-    def _delete(self, shadow: dict[int, dict[str, Any]], xid: int, index: int, row_id: int) -> Expected:
+    def _delete(
+        self, shadow: dict[int, dict[str, Any]], xid: int, index: int, row_id: int
+    ) -> Expected:
         old = shadow.pop(row_id)
         self.conn.execute("DELETE FROM conversations WHERE id = %s", (row_id,))
         before = dict(old) if self.full else {"id": row_id}
@@ -139,7 +159,9 @@ def _big_text(size: int) -> str:
     return "".join(rng.choices(string.ascii_letters + string.digits, k=size))
 
 
-@pytest.mark.parametrize("full_identity", [True, False], ids=["replica-identity-full", "replica-identity-default"])
+@pytest.mark.parametrize(
+    "full_identity", [True, False], ids=["replica-identity-full", "replica-identity-default"]
+)
 def test_committed_changes_reach_the_stream_exactly(
     database: str, nats: Any, stream_name: str, tmp_path: Path, full_identity: bool
 ) -> None:
