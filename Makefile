@@ -15,11 +15,11 @@ ARGS   ?=
 
 venv .venv: $(VENV)/.installed-dev
 
-# A virtualenv that was copied, moved or checked out from elsewhere has a python
-# that belongs to another prefix (and scripts whose #! point there): rebuild it.
-VENV_OK := $(shell $(BIN)/python -c 'import os, sys; \
-	sys.exit(os.path.realpath(sys.prefix) != os.path.realpath("$(VENV)"))' \
-	>/dev/null 2>&1 && echo yes)
+# A virtualenv that was copied, moved or checked out from elsewhere has scripts
+# whose #! line runs another venv's python (or a python that no longer exists):
+# rebuild it instead of silently testing against the wrong installation.
+VENV_OK := $(shell $(BIN)/python -c '' >/dev/null 2>&1 \
+	&& head -n 3 $(BIN)/pip 2>/dev/null | grep -qF '$(abspath $(BIN))/python' && echo yes)
 ifneq ($(VENV_OK),yes)
 .PHONY: $(BIN)/python
 endif
@@ -30,11 +30,11 @@ $(BIN)/python:
 
 # Re-install only when pyproject.toml changed since the last install.
 # The dev extra includes the embedded one, so it refreshes both stamps.
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
 	touch $(VENV)/.installed-embedded $@
 
-$(VENV)/.installed-embedded: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-embedded: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -e '.[embedded]'
 	touch $@
 
