@@ -206,6 +206,13 @@ def _check_table(table: TableCatalog, request: TableRequest) -> tuple[str, ...]:
         missing = [c for c in request.key if c not in table.columns]
         if missing:
             raise SetupError(f"tables.{name}.key names columns {missing} that {name} does not have")
+        outside = [c for c in request.key if c not in table.identity_columns]
+        if outside:
+            raise SetupError(
+                f"tables.{name}.key uses {outside}, which PostgreSQL does not log for DELETEs "
+                f"under the table's replica identity: run ALTER TABLE {table.sql_name} "
+                "REPLICA IDENTITY FULL, or use key columns of the primary key"
+            )
         key = request.key
     else:
         key = table.primary_key or table.identity_columns

@@ -334,9 +334,7 @@ def test_random_ack_order(initial: int, publish_counts: list[int], data: st.Data
             tx.acked += 1
         elif current is None:
             next_end += data.draw(st.integers(min_value=1, max_value=1000), label="tx size")
-            model.transactions.append(
-                _Tx(checkpointer.begin(), next_end, publish_counts[reader])
-            )
+            model.transactions.append(_Tx(checkpointer.begin(), next_end, publish_counts[reader]))
         elif current.published < current.to_publish:
             checkpointer.published(current.ticket)
             current.published += 1
@@ -355,7 +353,9 @@ def test_random_ack_order(initial: int, publish_counts: list[int], data: st.Data
         previous = checkpointer.confirmed_lsn
         previous_calls = calls.count
 
-    assert checkpointer.confirmed_lsn == (model.transactions[-1].end_lsn if publish_counts else initial)
+    assert checkpointer.confirmed_lsn == (
+        model.transactions[-1].end_lsn if publish_counts else initial
+    )
     assert checkpointer.idle is True
 
 

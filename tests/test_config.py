@@ -4,7 +4,6 @@ one-line ConfigError messages."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,20 @@ tables:
     subject: "messages.{conversation_uuid}"
 """
 
+# The example from the README, verbatim.
+README_YAML = """\
+postgres:
+  dsn: postgresql://cdc@db.example:5432/app   # CDC_BRIDGE_POSTGRES__DSN
+  slot: cdc_bridge
+  publication: cdc_bridge
+nats:
+  url: nats://127.0.0.1:4222                  # CDC_BRIDGE_NATS__URL
+  stream: conversational-memory
+tables:
+  public.conversations:
+    subject: "messages.{conversation_uuid}"
+"""
+
 MINIMAL_YAML = """\
 postgres:
   dsn: "host=localhost dbname=app"
@@ -37,12 +50,11 @@ _UNKNOWN = "unknown key (check the spelling; see config/example.yaml)"
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's own CDC_BRIDGE_* variables out of these tests."""
     for name in list(os.environ):
         if name.upper().startswith("CDC_BRIDGE_"):
             monkeypatch.delenv(name)
-    yield
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
@@ -162,8 +174,7 @@ def test_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_nothing_at_all() -> None:
     assert _error(None) == (
-        "invalid configuration: postgres: required key is missing; "
-        "tables: required key is missing"
+        "invalid configuration: postgres: required key is missing; tables: required key is missing"
     )
 
 
@@ -259,6 +270,27 @@ def test_secret_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         "dbname": "app",
         "user": "cdc",
         "password": "s3 cr'et",
+    }
+
+
+def test_readme_example_with_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "postgres__password").write_text("pw", encoding="utf-8")
+    monkeypatch.setenv("CDC_BRIDGE_SECRETS_DIR", str(secrets))
+    settings = load_settings(_write(tmp_path, README_YAML))
+    assert settings.postgres.dsn.get_secret_value() == "postgresql://cdc@db.example:5432/app"
+    assert settings.postgres.slot == "cdc_bridge"
+    assert settings.postgres.publication == "cdc_bridge"
+    assert settings.nats.url == "nats://127.0.0.1:4222"
+    assert settings.nats.stream == "conversational-memory"
+    assert settings.tables["public.conversations"].subject == "messages.{conversation_uuid}"
+    assert conninfo_to_dict(settings.conninfo()) == {
+        "user": "cdc",
+        "host": "db.example",
+        "port": "5432",
+        "dbname": "app",
+        "password": "pw",
     }
 
 
@@ -436,7 +468,9 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 def test_invalid_yaml_flow_mapping(tmp_path: Path) -> None:
     path = _write(tmp_path, "postgres: {dsn: a\ntables: {}\n")
-    assert _error(path) == f"config file {path} at line 2, column 7: expected ',' or '}}', but got ':'"
+    assert (
+        _error(path) == f"config file {path} at line 2, column 7: expected ',' or '}}', but got ':'"
+    )
 
 
 def test_invalid_yaml_unterminated_string(tmp_path: Path) -> None:
@@ -444,7 +478,9 @@ def test_invalid_yaml_unterminated_string(tmp_path: Path) -> None:
     assert _error(path) == f"config file {path} at line 3, column 1: found unexpected end of stream"
 
 
-@pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("x\n", "str")])
+@pytest.mark.parametrize(
+    ("text", "kind"), [("- a\n- b\n", "list"), ("42\n", "int"), ("x\n", "str")]
+)
 def test_yaml_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
     path = _write(tmp_path, text)
     assert _error(path) == f"config file {path} must hold a mapping of sections, not {kind}"
@@ -452,8 +488,7 @@ def test_yaml_must_be_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
 
 def test_empty_yaml_is_an_empty_mapping(tmp_path: Path) -> None:
     assert _error(_write(tmp_path, "# nothing here\n")) == (
-        "invalid configuration: postgres: required key is missing; "
-        "tables: required key is missing"
+        "invalid configuration: postgres: required key is missing; tables: required key is missing"
     )
 
 

@@ -60,7 +60,9 @@ def test_format_then_parse_round_trips(value: int) -> None:
     assert low == f"{value & 0xFFFFFFFF:X}"
 
 
-@given(st.integers(min_value=0, max_value=0xFFFFFFFF), st.integers(min_value=0, max_value=0xFFFFFFFF))
+@given(
+    st.integers(min_value=0, max_value=0xFFFFFFFF), st.integers(min_value=0, max_value=0xFFFFFFFF)
+)
 def test_parse_then_format_round_trips(high: int, low: int) -> None:
     text = f"{high:X}/{low:X}"
     value = parse_lsn(text)
@@ -103,9 +105,7 @@ def test_parse_then_format_round_trips(high: int, low: int) -> None:
 def test_parse_rejects_invalid_text(text: str) -> None:
     with pytest.raises(ValueError, match=r"^not an LSN: ") as info:
         parse_lsn(text)
-    assert str(info.value) == (
-        f"not an LSN: {text!r} (expected two hex halves like '0/16B3748')"
-    )
+    assert str(info.value) == (f"not an LSN: {text!r} (expected two hex halves like '0/16B3748')")
 
 
 @given(st.text(max_size=20))

@@ -85,7 +85,7 @@ _BAD_LITERAL = "literal text may not contain braces, spaces, control characters,
     ],
 )
 def test_invalid_templates(template: str, message: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"^subject template ") as info:
         SubjectTemplate(template)
     assert str(info.value) == message
 
@@ -330,8 +330,7 @@ def _spell(tokens: list[list[tuple[bool, str]]]) -> str:
 
 def _expected_filter(tokens: list[list[tuple[bool, str]]]) -> str:
     return ".".join(
-        "*" if any(p for p, _ in token) else "".join(text for _, text in token)
-        for token in tokens
+        "*" if any(p for p, _ in token) else "".join(text for _, text in token) for token in tokens
     )
 
 
