@@ -220,7 +220,8 @@ _open_connections: list[psycopg.Connection[tuple[object, ...]]] = []
 
 
 def test_database_fixture_dropped_database_and_slots(postgres: PostgresServer) -> None:
-    assert _seen_databases, "runs after test_database_fixture_is_empty_and_logical"
+    if not _seen_databases:
+        pytest.skip("checks what test_database_fixture_is_empty_and_logical left behind")
     name = _seen_databases[-1]
     with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
         slots = conn.execute(
