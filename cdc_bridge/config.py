@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -35,7 +43,7 @@ from pydantic_settings import (
 )
 
 from cdc_bridge.errors import ConfigError
-from cdc_bridge.routing import SubjectTemplate
+from cdc_bridge.routing import SubjectTemplate, subject_is_covered
 
 __all__ = [
     "ENV_PREFIX",
@@ -80,7 +88,9 @@ class PostgresSettings(_Section):
     status_interval: float = Field(
         default=10.0, gt=0, description="seconds between standby status updates"
     )
-    connect_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(
+        default=10.0, gt=0, description="seconds to wait for a connection (rounded up)"
+    )
 
     @field_validator("slot")
     @classmethod
@@ -112,8 +122,10 @@ class NatsSettings(_Section):
         default=None,
         description="stream subjects when creating it; default: derived from the table subjects",
     )
-    storage: Literal["file", "memory"] = "file"
-    replicas: int = Field(default=1, ge=1, le=5)
+    storage: Literal["file", "memory"] = Field(
+        default="file", description="stream storage when creating it"
+    )
+    replicas: int = Field(default=1, ge=1, le=5, description="stream replicas when creating it")
     max_age: float = Field(default=0, ge=0, description="seconds; 0 keeps messages forever")
     max_bytes: int = Field(default=-1, ge=-1, description="-1 is unlimited")
     duplicate_window: float = Field(
@@ -123,7 +135,7 @@ class NatsSettings(_Section):
         default=2048, ge=1, description="published messages awaiting their PubAck at most"
     )
     ack_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one PubAck")
-    connect_timeout: float = Field(default=5.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for NATS")
 
     @field_validator("stream")
     @classmethod
@@ -191,7 +203,25 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="log verbosity"
+    )
+
+    @model_validator(mode="after")
+    def _stream_subjects_cover_routes(self) -> Settings:
+        if self.nats.subjects is None:
+            return self
+        templates = {f"tables.{n}.subject": t.subject for n, t in self.tables.items()}
+        if self.messages.publish:
+            templates["messages.subject"] = self.messages.subject
+        for key, template in templates.items():
+            wanted = SubjectTemplate(template).stream_filter
+            if not subject_is_covered(wanted, self.nats.subjects):
+                raise ValueError(
+                    f"nats.subjects {self.nats.subjects} do not capture {key} "
+                    f"{template!r} (subjects {wanted}): add {wanted!r} to nats.subjects"
+                )
+        return self
 
     @field_validator("tables")
     @classmethod

@@ -169,24 +169,27 @@ async def _stream(
         format_lsn(checkpointer.confirmed_lsn),
         settings.nats.stream,
     )
+    error: BaseException | None = None
     try:
         done, _ = await asyncio.wait(
             {reader, status, failure, stopped}, return_when=asyncio.FIRST_COMPLETED
         )
         for task in (reader, status, failure):
-            if task in done:
-                task.result()  # raises the failure
-        # Stop requested: no more WAL; let what is in flight be acked and confirmed.
+            if task in done and error is None:
+                error = task.exception() or RuntimeError(f"{task.get_name()} ended")
+        # No more WAL; let what is in flight be acked, so that it can be confirmed. After
+        # a failure only briefly: the acks may never come.
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
-        drained = await sink.drain(settings.shutdown_timeout)
-        if not drained:
+        timeout = (
+            settings.shutdown_timeout if error is None else min(5.0, settings.shutdown_timeout)
+        )
+        if not await sink.drain(timeout):
             log.warning(
-                "stopping with %d messages unacknowledged after %.0fs; they will be "
-                "re-sent from the slot at the next start",
+                "stopping with %d messages unacknowledged; they will be re-sent from the "
+                "slot at the next start",
                 sink.in_flight,
-                settings.shutdown_timeout,
             )
     finally:
         tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
@@ -195,7 +198,11 @@ async def _stream(
         for pending in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pending
-    await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+        # Also after a failure: confirm what was acked, so a restart re-sends no more.
+        with contextlib.suppress(Exception):
+            await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+    if error is not None:
+        raise error
     log.info(
         "stopped: %d changes in %d transactions published, confirmed up to %s",
         stats.changes,

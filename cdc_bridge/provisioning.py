@@ -12,6 +12,7 @@ statements for a DBA who prefers to run them by hand.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class TableRequest:
 def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
     try:
         return psycopg.connect(
-            conninfo, autocommit=True, connect_timeout=max(1, int(connect_timeout))
+            conninfo, autocommit=True, connect_timeout=max(1, math.ceil(connect_timeout))
         )
     except psycopg.ProgrammingError as exc:
         raise SetupError(
@@ -81,8 +82,9 @@ def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return SetupError(
             f"permission denied: {_first_line(exc)} (the role needs REPLICATION, or "
-            "rds_replication on RDS, plus SELECT on the tables and CREATE on the "
-            "database for the publication; see sql/setup.sql)"
+            "rds_replication on RDS; creating or extending the publication needs ownership "
+            "of the tables, so let the table owner run sql/setup.sql and set "
+            "postgres.create_if_missing: false)"
         )
     return SetupError(f"{action} failed: {_first_line(exc)}")
 

@@ -135,10 +135,6 @@ class JetStreamSink(Generic[Ticket]):
         return sink
 
     @property
-    def max_payload(self) -> int:
-        return int(self._nc.max_payload)
-
-    @property
     def in_flight(self) -> int:
         return len(self._pending)
 
@@ -188,6 +184,15 @@ class JetStreamSink(Generic[Ticket]):
     ) -> None:
         """Send one message; returns once it is written, not when it is acked."""
         self.raise_if_failed()
+        size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
+        if size > self._nc.max_payload:
+            # Raised before anything is sent; the slot stays at the change before it.
+            raise PublishError(
+                f"the message for {subject} is {size} bytes, over the NATS server's "
+                f"max_payload of {self._nc.max_payload} bytes: raise max_payload in the "
+                "nats-server configuration",
+                subject=subject,
+            )
         await self._window.acquire()
         self.raise_if_failed()
         self._next_id += 1
@@ -275,11 +280,18 @@ class JetStreamSink(Generic[Ticket]):
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bounded wait is the point
         """Wait for every in-flight PubAck; True if all arrived in time and none failed."""
+        acked: asyncio.Future[object] = asyncio.ensure_future(self._all_acked.wait())
+        failed: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(self._failure))
         try:
-            await asyncio.wait_for(self._all_acked.wait(), timeout)
-        except TimeoutError:
-            return False
-        return not self._failure.done()
+            await asyncio.wait(
+                {acked, failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in (acked, failed):
+                waiter.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiter
+        return self._all_acked.is_set() and not self._failure.done()
 
     async def close(self) -> None:
         self._closing = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 import psycopg
 from psycopg import pq, sql
@@ -49,6 +50,8 @@ class ReplicationSource:
         self._slot = slot
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
+        # The reader (answering a keepalive) and the status task both send updates.
+        self._send_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._socket = self._pgconn.socket
         self._loop.add_reader(self._socket, self._readable.set)
@@ -73,7 +76,7 @@ class ReplicationSource:
                 replication="database",
                 autocommit=True,
                 options=SESSION_OPTIONS,
-                connect_timeout=max(1, int(connect_timeout)),
+                connect_timeout=max(1, math.ceil(connect_timeout)),
                 application_name="cdc-bridge",
             )
         except psycopg.Error as exc:
@@ -129,6 +132,10 @@ class ReplicationSource:
 
     async def send_status(self, *, flush_lsn: int, reply_requested: bool = False) -> None:
         """Send a standby status update confirming ``flush_lsn``."""
+        async with self._send_lock:
+            await self._send_status(flush_lsn, reply_requested)
+
+    async def _send_status(self, flush_lsn: int, reply_requested: bool) -> None:
         frame = encode_standby_status(
             write_lsn=max(self.received_lsn, flush_lsn),
             flush_lsn=flush_lsn,

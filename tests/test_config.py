@@ -142,7 +142,7 @@ messages:
   publish: true
   subject: "app.msg.{prefix}"
 nats:
-  subjects: ["audit.>", "cdc.>"]
+  subjects: ["audit.>", "cdc.>", "app.msg.*"]
   storage: memory
 log_level: DEBUG
 """,
@@ -153,7 +153,7 @@ log_level: DEBUG
     assert settings.tables["audit.events"].key == ["tenant", "id"]
     assert settings.messages.publish is True
     assert settings.messages.subject == "app.msg.{prefix}"
-    assert settings.nats.subjects == ["audit.>", "cdc.>"]
+    assert settings.nats.subjects == ["audit.>", "cdc.>", "app.msg.*"]
     assert settings.nats.storage == "memory"
     assert settings.log_level == "DEBUG"
 
@@ -522,4 +522,19 @@ def test_file_not_utf8(tmp_path: Path) -> None:
     assert _error(path) == (
         f"cannot read config file {path}: 'utf-8' codec can't decode byte 0xff in position 16: "
         "invalid start byte (pass an existing file with --config or CDC_BRIDGE_CONFIG)"
+    )
+
+
+def test_explicit_stream_subjects_must_capture_every_route(tmp_path: Path) -> None:
+    base = (
+        "postgres: {dsn: 'postgresql://x@h/db'}\n"
+        "tables:\n"
+        "  public.conversations: {subject: 'messages.{conversation_uuid}'}\n"
+    )
+    ok = load_settings(_write(tmp_path, base + "nats: {subjects: ['messages.>']}\n", "ok.yaml"))
+    assert ok.nats.subjects == ["messages.>"]
+    assert _error(_write(tmp_path, base + "nats: {subjects: ['other.*']}\n", "bad.yaml")) == (
+        "invalid configuration: (top level): nats.subjects ['other.*'] do not capture "
+        "tables.public.conversations.subject 'messages.{conversation_uuid}' (subjects "
+        "messages.*): add 'messages.*' to nats.subjects"
     )

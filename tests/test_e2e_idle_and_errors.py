@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from cdc_bridge.local_servers import LocalPostgres, free_port, start_postgres
+from cdc_bridge.local_servers import LocalNats, LocalPostgres, free_port, start_nats, start_postgres
 from cdc_bridge.lsn import parse_lsn
 from tests.fixtures.bridge import BridgeProcess, slot_state, write_config
 
@@ -181,3 +181,46 @@ def test_wal_level_not_logical(
         tables={"public.t": {}},
     )
     assert_one_line_error(run_cli(config), 1, "wal_level is 'replica' but must be 'logical'")
+
+
+@pytest.fixture(scope="module")
+def small_payload_nats() -> Iterator[LocalNats]:
+    server = start_nats(max_payload=4096)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_row_over_max_payload_stops_with_a_clear_error_and_keeps_the_slot(
+    database: str, small_payload_nats: LocalNats, tmp_path: Path
+) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+    config = write_config(
+        tmp_path / "config.yaml",
+        dsn=database,
+        nats_url=small_payload_nats.url,
+        stream="oversized",
+        tables={"public.t": {}},
+    )
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("INSERT INTO t VALUES (1, 'small')")
+            conn.execute("INSERT INTO t VALUES (2, repeat('x', 10000))")
+        assert bridge.process is not None
+        assert bridge.process.wait(30) == 1
+    finally:
+        bridge.stop_quietly()
+    last = bridge.log_text().strip().splitlines()[-1]
+    assert last.startswith("cdc-bridge: error: the message for cdc.public.t.insert is ")
+    assert "over the NATS server's max_payload of 4096 bytes" in last
+    # The oversized change is still in the slot: fixing max_payload loses nothing.
+    with psycopg.connect(database, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('cdc_bridge', NULL, NULL, "
+            "'proto_version', '1', 'publication_names', 'cdc_bridge') WHERE get_byte(data, 0) = 73"
+        ).fetchone()
+    assert rows == (1,)  # one Insert ('I' = 73) left: row 2
