@@ -9,6 +9,7 @@ must never have been ahead of what JetStream acknowledged.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.fixtures.bridge import (
     wait_slot_inactive,
     write_config,
 )
+from tests.fixtures.proxy import TcpProxy
 
 pytestmark = pytest.mark.servers
 
@@ -164,3 +166,45 @@ def test_sigterm_and_sigkill_mid_stream_keep_every_change_exactly_once(
     confirmed, _ = slot_state(database, "cdc_bridge")
     assert confirmed >= ends[-1]
     assert pending == (0,), "the slot would send already-published changes again"
+
+
+def test_slot_is_not_confirmed_before_the_pubacks_arrive(
+    database: str, nats: Any, stream_name: str, tmp_path: Path
+) -> None:
+    """JetStream stores the messages but their PubAcks are held back: no confirmation."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id bigserial PRIMARY KEY, tx int, position int, "
+            "touched boolean NOT NULL DEFAULT false)"
+        )
+    host, port = nats.url.removeprefix("nats://").rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    config = write_config(
+        tmp_path / "config.yaml",
+        dsn=database,
+        nats_url=proxy.url,
+        stream=stream_name,
+        tables={"public.items": {"subject": "items.{op}"}},
+    )
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    writer = Writer(database)
+    try:
+        bridge.start()
+        writer.write(1)
+        wait_for_messages(nats.url, stream_name, 1)
+        with proxy.holding_replies():
+            writer.write(2)
+            wait_for_messages(nats.url, stream_name, writer.changes)  # stored in JetStream
+            held = [m for m in read_stream(nats.url, stream_name) if m.body["source"]["index"] == 0]
+            last_commit = max(parse_lsn(m.body["source"]["commit_lsn"]) for m in held)
+            time.sleep(2.5)  # > status_interval (1 s) + coalescing: an update would be out
+            confirmed, _ = slot_state(database, "cdc_bridge")
+            assert confirmed < last_commit, "slot confirmed changes whose PubAck never came"
+        deadline = time.monotonic() + 15
+        while slot_state(database, "cdc_bridge")[0] <= last_commit:
+            assert time.monotonic() < deadline, "slot did not advance once the PubAcks came"
+            time.sleep(0.1)
+        assert bridge.terminate() == 0
+    finally:
+        bridge.stop_quietly()
+        proxy.close()
