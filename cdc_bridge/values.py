@@ -74,11 +74,23 @@ Special values and choices:
   would not come back as the same decimal value (an integer outside [-2**63, 2**64-1], a
   decimal whose shortest float repr differs numerically, an overflow or underflow), the
   whole value stays the original JSON *text* (a string), so no digit is ever lost; a
-  consumer can parse it with an arbitrary-precision JSON parser.  (The check is a fast
-  byte scan for long digit runs / 3-digit exponents; only documents that trip it are
-  re-parsed with the stdlib parser to look at each number.)  Unparseable text also stays
-  text.  Duplicate keys in ``json`` (not jsonb) keep the last value, like jsonb does.  Note
+  consumer can parse it with an arbitrary-precision JSON parser.  The check costs a
+  bytes translate and one or two substring searches per document: only numbers with 16+
+  significant digits or (json only; jsonb never prints exponents) a 3-digit exponent
+  can be inexact, and each such spot is checked as a number (0.30000000000000004 is
+  fine); only a spot that is not a clean number (digits inside a string) makes the stdlib
+  parser re-read the document number by number.  Unparseable text also stays text.
+  Duplicate keys in ``json`` (not jsonb) keep the last value, like jsonb does.  Note
   that a JSON ``null`` document and SQL NULL both become ``None``.
+* Arrays: unquoted, escape-free array_out text (numbers, booleans, uuids, any number of
+  dimensions) is split with C-level ``str.split``; anything else (quoted elements,
+  escapes, the whitespace and bounds that array_in accepts) goes through an iterative
+  state machine.  Unquoted ``NULL`` (any case) is null, quoted ``"NULL"`` the string.
+  Malformed array text (which PostgreSQL never sends) stays text as a whole; an element
+  that its element type cannot convert stays that element's text.
+* bytea in the legacy ``escape`` output format is decoded too, in case a session runs
+  with ``bytea_output=escape``.
+* inet prints a host address without ``/32`` or ``/128`` (unlike ``inet::text``).
 * float4 values are returned as the Python float of PostgreSQL's shortest-exact text (so
   ``0.1::float4`` -> ``0.1``, not ``0.10000000149011612``).
 * Binary-format values (:func:`convert_binary`, only if a binary-mode session is ever
@@ -91,7 +103,7 @@ import json
 from binascii import b2a_base64
 from collections.abc import Callable
 from decimal import Decimal
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import orjson
 
@@ -150,22 +162,23 @@ def _float(text: str) -> JsonValue:
 def _timestamp(text: str) -> JsonValue:
     # 'YYYY-MM-DD HH:MM:SS[.ffffff]' -> 'YYYY-MM-DDTHH:MM:SS[.ffffff]'; BC/infinity kept.
     i = text.find(" ")
-    if i < 8 or text[-1] == "C" or text[i - 3] != "-" or text[i + 3 : i + 4] != ":":
+    if i < 8 or text[i - 3] != "-" or text[i + 3 : i + 4] != ":" or text[-1] == "C":
         return text
-    return f"{text[:i]}T{text[i + 1 :]}"
+    return text.replace(" ", "T", 1)
 
 
 def _timestamptz(text: str) -> JsonValue:
     # 'YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM[:SS]]'; BC/infinity kept.
     i = text.find(" ")
-    if i < 8 or text[-1] == "C" or text[i - 3] != "-" or text[i + 3 : i + 4] != ":":
+    if i < 8 or text[i - 3] != "-" or text[i + 3 : i + 4] != ":" or text[-1] == "C":
         return text
-    sign = text[-3:-2]
-    if sign == "+" or sign == "-":  # bare-hour offset
-        if text[-2:] == "00" and sign == "+":
-            return f"{text[:i]}T{text[i + 1 : -3]}Z"
-        return f"{text[:i]}T{text[i + 1 :]}:00"
-    return f"{text[:i]}T{text[i + 1 :]}"
+    iso = text.replace(" ", "T", 1)
+    sign = iso[-3]
+    if sign == "+":  # bare-hour offset
+        return iso[:-3] + "Z" if iso[-2:] == "00" else iso + ":00"
+    if sign == "-":
+        return iso + ":00"
+    return iso  # '+HH:MM' or '+HH:MM:SS' (historic local mean time offsets)
 
 
 def _timetz(text: str) -> JsonValue:
@@ -209,51 +222,106 @@ def _bytea_unescape(text: str) -> bytes:
     return bytes(out)
 
 
-# json/jsonb: bytes that may start a number orjson would not round-trip exactly.
-# Digits and '.' -> '0', 'e'/'E' -> 'e', '+'/'-' -> '+', everything else -> ' '.
+# json/jsonb precision check.  A JSON number that orjson may not return exactly has at
+# least 16 significant digits (so a run of >= 16 digits, dots and signs; 64-bit integers
+# have up to 20 digits) or a 3-digit exponent; any other number round-trips exactly
+# (DBL_DIG is 15).  jsonb prints its numbers with numeric_out, which never uses an
+# exponent (1e400 comes out as a 401-digit integer), so for jsonb the run is the only sign.
+# _NUMSCAN maps the UTF-8 bytes: digits, '.', '+' and '-' -> '0', 'e'/'E' -> 'e', anything
+# else -> ' ', so those spots are found with plain bytes searches.
 _NUMSCAN = bytes(
-    ord("0")
-    if chr(b) in "0123456789."
-    else ord("e")
-    if chr(b) in "eE"
-    else ord("+")
-    if chr(b) in "+-"
-    else ord(" ")
+    ord("0") if chr(b) in "0123456789.+-" else ord("e") if chr(b) in "eE" else ord(" ")
     for b in range(256)
 )
-_LONG_RUN = b"0" * 16  # >= 16 significant digits (or >= 20-digit integers)
+_LONG_RUN = b"0" * 16
+_EXPONENT = b"e000"  # also matches 'e+000' / 'e-000' ('+' and '-' map to '0')
+_JSON_MARKERS = (_LONG_RUN, _EXPONENT)
+_JSONB_MARKERS = (_LONG_RUN,)
+_INT_MIN = -(2**63)  # orjson's (and orjson.dumps') integer range
+_INT_END = 2**64
 
 
 class _Lossy(Exception):
     pass
 
 
+def _float_exact(token: str | bytes, value: float) -> bool:
+    if value - value != 0.0:  # overflowed to inf
+        return False
+    shortest = repr(value)
+    if isinstance(token, bytes):
+        token = token.decode("ascii")
+    return shortest == token or Decimal(shortest) == Decimal(token)
+
+
 def _exact_float(token: str) -> float:
     value = float(token)
-    if value - value != 0.0 or Decimal(repr(value)) != Decimal(token):
+    if not _float_exact(token, value):
         raise _Lossy
     return value
 
 
 def _exact_int(token: str) -> int:
     value = int(token)
-    if not -(2**63) <= value < 2**64:  # orjson's (and orjson.dumps') integer range
+    if not _INT_MIN <= value < _INT_END:
         raise _Lossy
     return value
+
+
+def _token_exact(token: bytes) -> bool:
+    """Whether ``token`` read as a JSON number comes back exactly from orjson."""
+    try:
+        if b"." in token or b"e" in token or b"E" in token:
+            return _float_exact(token, float(token))
+        return _INT_MIN <= int(token) < _INT_END
+    except Exception:
+        return False  # not a number after all (e.g. digits inside a string)
+
+
+def _json_numbers_exact(text: str, raw: bytes, scan: bytes, markers: tuple[bytes, ...]) -> bool:
+    # Check each suspicious spot as a number.  Spots inside strings may also look like
+    # (inexact) numbers; only then does the stdlib parser decide, number by number.
+    n = len(scan)
+    for marker in markers:
+        pos = scan.find(marker)
+        while pos >= 0:
+            start = scan.rfind(b" ", 0, pos) + 1
+            end = scan.find(b" ", pos)
+            if end < 0:
+                end = n
+            if not _token_exact(raw[start:end]):
+                try:
+                    json.loads(text, parse_float=_exact_float, parse_int=_exact_int)
+                except Exception:
+                    return False
+                return True
+            pos = scan.find(marker, end)
+    return True
 
 
 def _json(text: str) -> JsonValue:
     try:
         value: JsonValue = orjson.loads(text)
+        raw = text.encode()
     except Exception:
         return text
-    scan = text.encode("utf-8", "surrogatepass").translate(_NUMSCAN)
-    if _LONG_RUN in scan or b"e000" in scan or b"e+000" in scan:
-        # Rare: look at every number with the stdlib parser (exact tokens).
-        try:
-            json.loads(text, parse_float=_exact_float, parse_int=_exact_int)
-        except Exception:
-            return text
+    scan = raw.translate(_NUMSCAN)
+    if (_LONG_RUN in scan or _EXPONENT in scan) and not _json_numbers_exact(
+        text, raw, scan, _JSON_MARKERS
+    ):
+        return text
+    return value
+
+
+def _jsonb(text: str) -> JsonValue:
+    try:
+        value: JsonValue = orjson.loads(text)
+        raw = text.encode()
+    except Exception:
+        return text
+    scan = raw.translate(_NUMSCAN)
+    if _LONG_RUN in scan and not _json_numbers_exact(text, raw, scan, _JSONB_MARKERS):
+        return text
     return value
 
 
@@ -271,8 +339,14 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _parse_array(text: str, conv: Converter) -> JsonValue:
-    """Parse an array_out literal (any dimensions, optional '[lb:ub]=' prefix)."""
+    """Parse any array literal (array_in syntax): an iterative state machine.
+
+    Handles quoting, backslash escapes, NULL, whitespace around elements and structure,
+    any number of dimensions and an explicit '[lb:ub]...=' bounds prefix (dropped).
+    Raises on malformed text.
+    """
     ident = conv is passthrough
+    has_backslash = "\\" in text
     n = len(text)
     i = _skip_ws(text, 0)
     if text[i] == "[":  # explicit bounds: '[0:1][1:2]={...}'
@@ -311,7 +385,30 @@ def _parse_array(text: str, conv: Converter) -> JsonValue:
             cur = stack[-1]
             continue
         # expecting an element, a sub-array, or '}' right after '{'
-        if c == "{":
+        if c == '"':
+            if has_backslash:
+                parts: list[str] = []
+                k = i + 1
+                while True:
+                    q = text.find('"', k)
+                    if q < 0:
+                        raise _Malformed
+                    b = text.find("\\", k, q)
+                    if b < 0:
+                        parts.append(text[k:q])
+                        break
+                    parts.append(text[k:b])
+                    parts.append(text[b + 1])
+                    k = b + 2
+                item = parts[0] if len(parts) == 1 else "".join(parts)
+            else:
+                q = text.find('"', i + 1)
+                if q < 0:
+                    raise _Malformed
+                item = text[i + 1 : q]
+            cur.append(item if ident else conv(item))
+            i = q + 1
+        elif c == "{":
             sub: list[JsonValue] = []
             cur.append(sub)
             stack.append(sub)
@@ -319,32 +416,14 @@ def _parse_array(text: str, conv: Converter) -> JsonValue:
             i += 1
             just_opened = True
             continue
-        if c == "}":
+        elif c == "}":
             if not just_opened:
                 raise _Malformed
             expect_value = False
             continue
-        if c == '"':
-            parts: list[str] = []
-            k = i + 1
-            while True:
-                q = text.find('"', k)
-                if q < 0:
-                    raise _Malformed
-                b = text.find("\\", k, q)
-                if b < 0:
-                    parts.append(text[k:q])
-                    k = q + 1
-                    break
-                parts.append(text[k:b])
-                parts.append(text[b + 1])
-                k = b + 2
-            item = parts[0] if len(parts) == 1 else "".join(parts)
-            cur.append(item if ident else conv(item))
-            i = k
+        elif c == ",":
+            raise _Malformed
         else:
-            if c == ",":
-                raise _Malformed
             if next_comma < i:
                 next_comma = text.find(",", i)
                 if next_comma < 0:
@@ -354,10 +433,12 @@ def _parse_array(text: str, conv: Converter) -> JsonValue:
                 if next_close < 0:
                     raise _Malformed
             end = next_comma if next_comma < next_close else next_close
-            if text.find("\\", i, end) < 0:
+            if not has_backslash or text.find("\\", i, end) < 0:
                 item = text[i:end]
                 if item[-1] in _WS:
                     item = item.rstrip(_WS)
+                if '"' in item or "{" in item:
+                    raise _Malformed
                 if len(item) == 4 and item.upper() == "NULL":
                     cur.append(None)
                 else:
@@ -382,39 +463,90 @@ def _parse_array(text: str, conv: Converter) -> JsonValue:
                             keep = len(chars)
                 item = "".join(chars[:keep])
                 cur.append(item if ident else conv(item))
-        expect_value = False
+        # after an element: take the common ',' right here
+        if text[i] == ",":
+            i += 1
+            just_opened = False
+        else:
+            expect_value = False
+
+
+class _UseGeneral(Exception):
+    pass
+
+
+_MAX_DIMS = 6  # PostgreSQL's MAXDIM
+
+
+def _split_rows(
+    body: str, depth: int, conv: Converter, ident: bool, bulk: Callable[[str], Any] | None
+) -> list[JsonValue]:
+    """Elements of unquoted, escape-free, whitespace-free array text without its outer
+    braces, e.g. '1,2},{3,4' at depth 2.  ``bulk`` is a C-level equivalent of ``conv``
+    for well-formed elements (``int`` for the integer types), tried first."""
+    if depth > 1:
+        sep = "}" * (depth - 1) + "," + "{" * (depth - 1)
+        return [_split_rows(chunk, depth - 1, conv, ident, bulk) for chunk in body.split(sep)]
+    items: list[Any] = body.split(",")
+    if not items[0] or not items[-1]:
+        raise _UseGeneral  # '{}' inside or an empty element: let the full parser judge
+    if "N" not in body and "n" not in body:  # no NULL possible (typical for numbers)
+        if ident:
+            return items
+        if bulk is not None:
+            try:
+                return list(map(bulk, items))
+            except Exception:
+                pass
+        return list(map(conv, items))
+    if ident:
+        return [None if len(e) == 4 and e.upper() == "NULL" else e for e in items]
+    return [
+        None if e == "NULL" or (len(e) == 4 and e.upper() == "NULL") else conv(e) for e in items
+    ]
+
+
+def _count_lists(value: JsonValue, depth: int) -> int:
+    if depth == 1 or not isinstance(value, list):
+        return 1
+    total = 1
+    for sub in value:
+        total += _count_lists(sub, depth - 1)
+    return total
 
 
 def _array_converter(conv: Converter) -> Converter:
     ident = conv is passthrough
+    bulk = int if conv is _int else None
 
     def convert_array(text: str) -> JsonValue:
         try:
-            # Fast path: one dimension, no quoting/escapes/whitespace (e.g. '{1,2,NULL}').
+            # Fast path: PostgreSQL's array_out text without quoted elements (numbers,
+            # booleans, uuids, ...): C-level splits, any number of dimensions.
             if (
                 text[0] == "{"
-                and text[-1] == "}"
                 and '"' not in text
                 and "\\" not in text
-                and text.count("{") == 1
-                and text.count("}") == 1
                 and " " not in text
                 and text.isprintable()
             ):
-                if len(text) == 2:
-                    return []
-                items = text[1:-1].split(",")
-                if not items[0] or not items[-1] or ",," in text:  # empty element: invalid
-                    return text
-                out: list[JsonValue]
-                if ident:
-                    out = [None if len(e) == 4 and e.upper() == "NULL" else e for e in items]
-                    return out
-                out = [
-                    None if e == "NULL" or (len(e) == 4 and e.upper() == "NULL") else conv(e)
-                    for e in items
-                ]
-                return out
+                if text[1] != "{":  # one dimension
+                    if text[-1] != "}" or text.count("}") != 1 or text.count("{") != 1:
+                        return _parse_array(text, conv)
+                    if len(text) == 2:
+                        return []
+                    if ",," in text:
+                        return text
+                    return _split_rows(text[1:-1], 1, conv, ident, bulk)
+                depth = len(text) - len(text.lstrip("{"))
+                if depth <= _MAX_DIMS and text.endswith("}" * depth) and ",," not in text:
+                    try:
+                        out = _split_rows(text[depth:-depth], depth, conv, ident, bulk)
+                        lists = _count_lists(out, depth)
+                        if lists == text.count("{") == text.count("}"):  # no stray braces
+                            return out
+                    except _UseGeneral:
+                        pass
             return _parse_array(text, conv)
         except Exception:
             return text
@@ -455,7 +587,7 @@ _SCALARS: dict[int, tuple[str, Converter, int]] = {
     1562: ("varbit", passthrough, 1563),
     1700: ("numeric", passthrough, 1231),
     2950: ("uuid", passthrough, 2951),
-    3802: ("jsonb", _json, 3807),
+    3802: ("jsonb", _jsonb, 3807),
     # Other builtins: text passed through, but their arrays still become lists.
     22: ("int2vector", passthrough, 1006),
     24: ("regproc", passthrough, 1008),

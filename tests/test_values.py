@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from cdc_bridge.values import (
     JsonValue,
+    _parse_array,
     array_element_oid,
     convert_binary,
     convert_value,
@@ -170,24 +171,69 @@ def test_scalar(oid: int, text: str, expected: JsonValue) -> None:
 # --------------------------------------------------------------------------- json precision
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        '{"a": 123456789012345678901234567890}',  # > 64-bit integer
-        '{"a": 18446744073709551616}',  # 2**64
-        '{"a": -9223372036854775809}',  # -2**63 - 1
-        '{"a": 0.1000000000000000000001}',  # more digits than a double holds
-        '{"a": 123456789.123456789123}',
-        '{"a": 1e400}',  # json keeps the text; orjson rejects it (overflow)
-        '{"a": 1e-400}',  # underflow to 0.0
-        "[1, 2, 10000000000000000000000000000000000000000]",  # jsonb prints 1e40 like this
-        '{"a": 0.' + "0" * 400 + "15}",  # jsonb's text for 1.5e-400
-        '{"a": 1' + "0" * 400 + "}",  # jsonb's text for 1e400
-    ],
-)
+_INEXACT_JSON = [
+    '{"a": 123456789012345678901234567890}',  # > 64-bit integer
+    '{"a": 18446744073709551616}',  # 2**64
+    '{"a": -9223372036854775809}',  # -2**63 - 1
+    '{"a": 0.1000000000000000000001}',  # more digits than a double holds
+    '{"a": 123456789.123456789123}',
+    "[1, 2, 10000000000000000000000000000000000000000]",  # jsonb prints 1e40 like this
+    '{"a": 0.' + "0" * 400 + "15}",  # jsonb's text for 1.5e-400 (underflows to 0.0)
+    '{"a": 1' + "0" * 400 + "}",  # jsonb's text for 1e400 (orjson rejects it)
+    '{"s": "12345678901234567890123", "a": -0.1000000000000000000001}',
+]
+
+
+@pytest.mark.parametrize("text", _INEXACT_JSON)
 @pytest.mark.parametrize("oid", [114, 3802])
 def test_json_keeps_text_rather_than_lose_precision(oid: int, text: str) -> None:
     assert convert_value(oid, text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1e400}',  # json keeps the input text; orjson rejects the overflow
+        '{"a": 1E+400}',
+        '{"a": 1e-400}',  # underflow to 0.0
+        '{"a": 1.234567e-320}',  # subnormal: fewer digits than written
+        "[1.0000000000000000000001e5]",
+    ],
+)
+def test_json_exponents_keep_text_rather_than_lose_precision(text: str) -> None:
+    assert convert_value(114, text) == text
+
+
+@pytest.mark.parametrize(
+    ("oid", "text", "expected"),
+    [
+        (
+            3802,
+            '{"r": 0.30000000000000004, "n": -0.3333333333333333}',
+            {"r": 0.30000000000000004, "n": -0.3333333333333333},
+        ),
+        (
+            3802,
+            '{"big": 9223372036854775807, "u": 18446744073709551615}',
+            {"big": 9223372036854775807, "u": 18446744073709551615},
+        ),
+        (
+            3802,
+            '{"phone": "+1-555-123-4567-8901", "id": "12345678901234567890123"}',
+            {"phone": "+1-555-123-4567-8901", "id": "12345678901234567890123"},
+        ),
+        (3802, '{"ts": "2026-11-27 09:32:10.437029+00"}', {"ts": "2026-11-27 09:32:10.437029+00"}),
+        (
+            114,
+            '{"a": 1.5e300, "b": 1E-300, "c": "e1000"}',
+            {"a": 1.5e300, "b": 1e-300, "c": "e1000"},
+        ),
+        (114, '{"a": 1.50, "b": 100e-2}', {"a": 1.5, "b": 1.0}),
+        (114, "[1.7976931348623157e308, 5e-324]", [1.7976931348623157e308, 5e-324]),
+    ],
+)
+def test_json_exact_numbers_are_parsed(oid: int, text: str, expected: JsonValue) -> None:
+    assert _same(convert_value(oid, text), expected)
 
 
 @pytest.mark.parametrize("text", ["", "{", '{"a": }', "NaN", "[1, 2", '"\\ud800"'])
@@ -357,6 +403,45 @@ def test_malformed_text_comes_back_unchanged(oid: int, text: str) -> None:
     assert convert_value(oid, text) == text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{1,2",
+        "1,2}",
+        "",
+        "{",
+        '{"a',
+        '{"a\\',
+        "{a\\",
+        "{{a},b",
+        "{a}}",
+        "{a} x",
+        "{a,}",
+        "{,a}",
+        "{a,,b}",
+        "[1:2]{a}",
+        '{"a"b}',
+        '{a"b"}',
+        '{"a"{b}}',
+        "{{a}",
+        "{}}",
+        "x{}",
+        "{a{b}",
+        "{a}b,c}",
+        "{{1,2}{3,4}}",
+        "{{1},{2}},{3}",
+        "{{1,},{2}}",
+        "{{1},{2}}}",
+        "{{{1}},{2}}}",
+        "{{1},{2}",
+    ],
+)
+def test_malformed_arrays_are_rejected(text: str) -> None:
+    assert convert_value(1009, text) == text
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any error means "keep the text"
+        _parse_array(text, passthrough)
+
+
 def test_array_element_fallback() -> None:
     # a malformed element keeps its text; the array still parses
     assert convert_value(1007, "{1,abc}") == [1, "abc"]
@@ -440,7 +525,28 @@ def _rectangular(draw: st.DrawFn, elements: st.SearchStrategy[Any]) -> list[Any]
 @settings(max_examples=500)
 @given(_rectangular(_elements))
 def test_array_literal_round_trip(value: list[Any]) -> None:
-    assert convert_value(1009, _array_out(value)) == value
+    text = _array_out(value)
+    assert convert_value(1009, text) == value
+    # both parsers behind the converter agree on array_out text
+    assert _parse_array(text, passthrough) == value  # the general parser on its own
+
+
+def _array_in_spaced(value: Any, space: str) -> str:
+    """array_out text with whitespace around the structure (valid array_in syntax)."""
+    if isinstance(value, list):
+        inner = f"{space},{space}".join(_array_in_spaced(v, space) for v in value)
+        return f"{{{space}{inner}{space}}}"
+    if value is None:
+        return "NULL"
+    return _quote_like_array_out(value)
+
+
+@settings(max_examples=300)
+@given(_rectangular(_elements), st.sampled_from([" ", "  ", "\t", "\n ", "\r\n"]))
+def test_array_in_whitespace_round_trip(value: list[Any], space: str) -> None:
+    text = f"{space}[1:1]{space}={space}" if space == " " and len(value) == 1 else ""
+    text += _array_in_spaced(value, space) + space
+    assert convert_value(1009, text) == value
 
 
 @settings(max_examples=200)
