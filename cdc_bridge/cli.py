@@ -59,9 +59,17 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, request_stop, sig.name)
+        # `kill -USR1 <pid>` prints what every task is waiting for: a stuck bridge can be
+        # diagnosed without restarting it.
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         await main(stop)
 
     asyncio.run(runner())
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -200,7 +200,8 @@ async def _burst(
             bridge.result()
         received.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(received.changed.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await received.changed.wait()
     elapsed = time.perf_counter() - started
     received.quiet = False
     click.echo(

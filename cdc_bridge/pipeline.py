@@ -180,7 +180,8 @@ async def _stream(
         # No more WAL; let what is in flight be acked, so that it can be confirmed. After
         # a failure only briefly: the acks may never come.
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # The reader's own failure, if any, is already in `error`.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
         timeout = (
             settings.shutdown_timeout if error is None else min(5.0, settings.shutdown_timeout)
@@ -199,16 +200,20 @@ async def _stream(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pending
         # Also after a failure: confirm what was acked, so a restart re-sends no more.
-        with contextlib.suppress(Exception):
+        try:
             await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
-    if error is not None:
-        raise error
+            if not await source.finish():
+                log.warning("PostgreSQL did not acknowledge the end of the stream in time")
+        except Exception as exc:
+            log.warning("could not send the final status update: %s", exc)
     log.info(
         "stopped: %d changes in %d transactions published, confirmed up to %s",
         stats.changes,
         stats.transactions,
         format_lsn(checkpointer.confirmed_lsn),
     )
+    if error is not None:
+        raise error
 
 
 async def _read(
@@ -264,8 +269,11 @@ async def _send_status(
 ) -> None:
     """Standby status updates: every ``interval`` seconds, and soon after the checkpoint moves."""
     while True:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+        # cancellation that shutdown sends, leaving this task (and the bridge) stuck.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(progress.wait(), timeout=interval)
+            async with asyncio.timeout(interval):
+                await progress.wait()
         progress.clear()
         await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
         await asyncio.sleep(STATUS_COALESCE_SECONDS)

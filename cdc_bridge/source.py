@@ -146,12 +146,22 @@ class ReplicationSource:
         pgconn = self._pgconn
         if pgconn.put_copy_data(frame) != 1:
             raise SourceError(f"cannot send standby status update: {_pq_error(pgconn)}")
+        await self._flush()
+        self.status_updates += 1
+
+    async def _flush(self) -> None:
+        pgconn = self._pgconn
         while True:
-            pending = pgconn.flush()
+            try:
+                pending = pgconn.flush()
+            except psycopg.Error:
+                pending = -1
             if pending == 0:
-                break
+                return
             if pending < 0:
-                raise SourceError(f"cannot send standby status update: {_pq_error(pgconn)}")
+                raise SourceError(
+                    f"cannot write to the replication connection: {_pq_error(pgconn)}"
+                )
             # The socket buffer is full: wait until it drains.
             self._writable.clear()
             self._loop.add_writer(self._socket, self._writable.set)
@@ -159,7 +169,40 @@ class ReplicationSource:
                 await self._writable.wait()
             finally:
                 self._loop.remove_writer(self._socket)
-        self.status_updates += 1
+
+    async def finish(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109 - bounded on purpose
+        """End the stream the polite way: CopyDone, then wait for the server's own end.
+
+        Closing the socket while server data sits unread makes the kernel send a reset,
+        and the walsender may then lose the last status update still in its receive
+        buffer: the slot would not record the final confirmed position. After CopyDone,
+        the server processes everything we sent before answering, so once its end of the
+        stream arrives the final position is safely recorded. Returns False if the
+        server did not answer in time (the position may then be older; nothing is lost).
+        """
+        if self._closed:
+            return False
+        pgconn = self._pgconn
+        try:
+            if pgconn.put_copy_end() != 1:
+                return False
+            await self._flush()
+            async with asyncio.timeout(timeout):
+                while True:
+                    nbytes, _ = pgconn.get_copy_data(1)
+                    if nbytes > 0:
+                        continue  # WAL sent before the server saw CopyDone: not confirmed
+                    if nbytes < 0:
+                        break
+                    self._readable.clear()
+                    await self._readable.wait()
+                    pgconn.consume_input()
+                while (result := pgconn.get_result()) is not None:
+                    if result.status == pq.ExecStatus.COPY_BOTH:
+                        continue
+        except (TimeoutError, psycopg.Error):
+            return False
+        return True
 
     async def close(self) -> None:
         if self._closed:

@@ -223,4 +223,4 @@ def test_row_over_max_payload_stops_with_a_clear_error_and_keeps_the_slot(
             "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('cdc_bridge', NULL, NULL, "
             "'proto_version', '1', 'publication_names', 'cdc_bridge') WHERE get_byte(data, 0) = 73"
         ).fetchone()
-    assert rows == (1,)  # one Insert ('I' = 73) left: row 2
+    assert rows == (1,), bridge.log_text()  # one Insert ('I' = 73) left: row 2
