@@ -2,6 +2,7 @@
 #
 #   make test    run the whole test suite (starts throwaway PostgreSQL/NATS servers)
 #   make lint    ruff check, ruff format --check, mypy --strict
+#   make test-pg15  the server tests again against Debian's PostgreSQL 15 (apt postgresql-15)
 #   make demo    cdc-bridge demo against embedded servers (ARGS="..." to pass options)
 #   make clean   remove the virtualenv and tool caches
 
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 
 .DEFAULT_GOAL := test
-.PHONY: venv .venv test lint demo clean
+.PHONY: venv .venv test test-pg15 lint demo clean
 
 venv .venv: $(VENV)/.installed-dev
 
@@ -40,6 +41,11 @@ $(VENV)/.installed-embedded: pyproject.toml $(BIN)/python
 
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest -q
+
+# The oldest major version we test against (cdc-bridge supports 14+); PG 18 is the default.
+PG15_BIN ?= /usr/lib/postgresql/15/bin
+test-pg15: $(VENV)/.installed-dev
+	CDC_BRIDGE_PG_BIN=$(PG15_BIN) $(BIN)/pytest -q -m servers
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
