@@ -16,6 +16,7 @@ __all__ = [
     "SetupError",
     "SinkError",
     "SourceError",
+    "first_line",
 ]
 
 
@@ -55,3 +56,9 @@ class PublishError(SinkError):
     def __init__(self, message: str, *, subject: str | None = None) -> None:
         super().__init__(message)
         self.subject = subject
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver's error message, for one-line reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -39,8 +39,8 @@ __all__ = ["BridgeStats", "run_bridge", "stream_spec"]
 
 log = logging.getLogger(__name__)
 
-# After the checkpoint moves, wait this long before telling PostgreSQL, so that a burst
-# of commits costs one status update rather than one per transaction.
+# After a status update, wait at least this long before the next one, so that a burst of
+# commits costs a few status updates rather than one per transaction.
 STATUS_COALESCE_SECONDS = 0.1
 
 

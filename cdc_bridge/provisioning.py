@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc_bridge.errors import SetupError
+from cdc_bridge.errors import SetupError, first_line
 from cdc_bridge.lsn import Lsn, parse_lsn
 from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
 
@@ -70,23 +70,23 @@ def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[
         )
     except psycopg.ProgrammingError as exc:
         raise SetupError(
-            f"postgres.dsn is not a valid connection string: {_first_line(exc)}"
+            f"postgres.dsn is not a valid connection string: {first_line(exc)}"
         ) from None
     except psycopg.Error as exc:
         raise SetupError(
-            f"cannot connect to PostgreSQL: {_first_line(exc)} (check postgres.dsn)"
+            f"cannot connect to PostgreSQL: {first_line(exc)} (check postgres.dsn)"
         ) from None
 
 
 def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return SetupError(
-            f"permission denied: {_first_line(exc)} (the role needs REPLICATION, or "
+            f"permission denied: {first_line(exc)} (the role needs REPLICATION, or "
             "rds_replication on RDS; creating or extending the publication needs ownership "
             "of the tables, so let the table owner run sql/setup.sql and set "
             "postgres.create_if_missing: false)"
         )
-    return SetupError(f"{action} failed: {_first_line(exc)}")
+    return SetupError(f"{action} failed: {first_line(exc)}")
 
 
 def check_database(
@@ -337,8 +337,3 @@ def _quote(identifier: str) -> str:
     if identifier.isidentifier() and identifier == identifier.lower():
         return identifier
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,7 +22,7 @@ import math
 import psycopg
 from psycopg import pq, sql
 
-from cdc_bridge.errors import SourceError
+from cdc_bridge.errors import SourceError, first_line
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.pgoutput import (
     PrimaryKeepalive,
@@ -80,7 +80,7 @@ class ReplicationSource:
                 application_name="cdc-bridge",
             )
         except psycopg.Error as exc:
-            raise SourceError(f"cannot open a replication connection: {_first_line(exc)}") from None
+            raise SourceError(f"cannot open a replication connection: {first_line(exc)}") from None
         command = sql.SQL(
             "START_REPLICATION SLOT {slot} LOGICAL {lsn} "
             "(proto_version '1', publication_names {publications}, messages {messages})"
@@ -95,7 +95,7 @@ class ReplicationSource:
         except psycopg.Error as exc:
             await _close_quietly(conn)
             raise SourceError(
-                f"cannot start replication from slot {slot!r}: {_first_line(exc)}"
+                f"cannot start replication from slot {slot!r}: {first_line(exc)}"
             ) from None
         if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
             await _close_quietly(conn)
@@ -221,8 +221,3 @@ async def _close_quietly(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> N
 
 def _pq_error(pgconn: pq.abc.PGconn) -> str:
     return pgconn.error_message.decode(errors="replace").strip()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
