@@ -225,6 +225,7 @@ async def _read(
     stats: BridgeStats,
 ) -> None:
     ticket: TransactionTicket | None = None
+    unrouted: set[int] = set()  # relations already warned about
     while True:
         frame = await source.read_frame()
         if type(frame) is PrimaryKeepalive:
@@ -235,10 +236,18 @@ async def _read(
         message = decode_message(frame.payload)  # type: ignore[union-attr]
         if type(message) is Relation:
             router.forget_table(message.oid)
+            unrouted.discard(message.oid)
         for event in assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
             if isinstance(event, Change):
                 outgoing = router.route_change(event)
                 if outgoing is None:
+                    if event.table.oid not in unrouted:
+                        unrouted.add(event.table.oid)
+                        log.warning(
+                            "skipping changes of %s: it is in the publication but not in "
+                            "tables: (renamed, or added to the publication by hand?)",
+                            event.table.qualified_name,
+                        )
                     continue
                 if ticket is None:
                     raise DecodeError("row change outside a transaction")

@@ -186,3 +186,33 @@ def test_schema_change_truncate_and_logical_messages_while_streaming(
     transactional = messages[3].headers
     assert transactional["Nats-Msg-Id"].endswith(":0")  # first change of its transaction
     assert messages[4].headers["Nats-Msg-Id"].endswith(":1")
+
+
+def test_published_but_unconfigured_table_is_skipped_with_a_warning(
+    database: str, nats: Any, stream_name: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE wanted (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE extra (id int PRIMARY KEY)")
+        conn.execute("CREATE PUBLICATION cdc_bridge FOR TABLE wanted, extra")
+    config = write_config(
+        tmp_path / "config.yaml",
+        dsn=database,
+        nats_url=nats.url,
+        stream=stream_name,
+        tables={"public.wanted": {}},
+    )
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("INSERT INTO extra VALUES (1)")
+            conn.execute("INSERT INTO extra VALUES (2)")
+            conn.execute("INSERT INTO wanted VALUES (1)")
+        wait_for_messages(nats.url, stream_name, 1)
+        bridge.wait_for_log("skipping changes of public.extra", 10)
+        assert bridge.terminate() == 0
+    finally:
+        bridge.stop_quietly()
+    assert [m.subject for m in read_stream(nats.url, stream_name)] == ["cdc.public.wanted.insert"]
+    assert bridge.log_text().count("skipping changes of public.extra") == 1
