@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cdc_bridge.changes import Change, MessageEvent, TableInfo
-from cdc_bridge.envelope import encode_change, encode_message
+from cdc_bridge.envelope import encode_change, encode_message, transaction_strings
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.routing import SubjectTemplate
 
@@ -77,7 +77,7 @@ class Router:
             # An update whose routing column is an unchanged TOAST value: use the old row.
             values = {**change.before, **values}
         subject = template.render(values)
-        commit_lsn = format_lsn(change.commit_lsn)
+        commit_lsn = transaction_strings(change.commit_lsn, change.commit_ts)[0]
         index = str(change.index)
         headers = {
             "Nats-Msg-Id": f"{self._slot}:{commit_lsn}:{index}",
