@@ -16,7 +16,7 @@ from cdc_bridge.local_servers import (
     start_nats,
     start_postgres,
 )
-from tests.fixtures.servers import ExternalPostgres, NatsServer, PostgresServer
+from tests.fixtures.servers import ExternalPostgres, NatsServer, PostgresServer, fresh_database
 
 pytestmark = pytest.mark.servers
 
@@ -186,11 +186,10 @@ async def test_nats_without_jetstream() -> None:
 # ------------------------------------------------------------------ fixtures
 
 
-_seen_databases: list[str] = []
-
-
-def test_database_fixture_is_empty_and_logical(database: str) -> None:
-    with psycopg.connect(database, autocommit=True) as conn:
+def test_database_fixture_is_empty_logical_and_dropped_with_its_slots(
+    postgres: PostgresServer,
+) -> None:
+    with fresh_database(postgres) as database, psycopg.connect(database, autocommit=True) as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         row = conn.execute("SELECT current_database()").fetchone()
         assert row is not None
@@ -201,7 +200,7 @@ def test_database_fixture_is_empty_and_logical(database: str) -> None:
             " WHERE n.nspname = 'public'"
         ).fetchone()
         assert row == (0,)
-        # Leave slots behind, one of them in use: the fixture must drop them and the DB.
+        # Leave slots behind, one of them in use: the teardown must drop them and the DB.
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [name])
         holder = psycopg.connect(database, autocommit=True)
         holder.execute(
@@ -211,26 +210,18 @@ def test_database_fixture_is_empty_and_logical(database: str) -> None:
             "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [name + "_active"]
         ).fetchone()
         assert active == (True,)
-        _seen_databases.append(name)
-        # `holder` stays open: its slot is active when the fixture tears down.
-        _open_connections.append(holder)
-
-
-_open_connections: list[psycopg.Connection[tuple[object, ...]]] = []
-
-
-def test_database_fixture_dropped_database_and_slots(postgres: PostgresServer) -> None:
-    if not _seen_databases:
-        pytest.skip("checks what test_database_fixture_is_empty_and_logical left behind")
-    name = _seen_databases[-1]
-    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
-        slots = conn.execute(
-            "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", [name + "%"]
-        ).fetchall()
-        dbs = conn.execute("SELECT datname FROM pg_database WHERE datname = %s", [name]).fetchall()
-    assert slots == []
-    assert dbs == []
-    for holder in _open_connections:
+    try:
+        with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+            slots = admin.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s",
+                [name + "%"],
+            ).fetchall()
+            dbs = admin.execute(
+                "SELECT datname FROM pg_database WHERE datname = %s", [name]
+            ).fetchall()
+        assert slots == []
+        assert dbs == []
+    finally:
         holder.close()
 
 
