@@ -38,6 +38,7 @@ class TableCatalog:
     primary_key: tuple[str, ...]
     replica_identity: str  # 'd' default, 'n' nothing, 'f' full, 'i' index
     identity_columns: tuple[str, ...]
+    partitioned: bool = False
 
     @property
     def qualified_name(self) -> str:
@@ -176,7 +177,9 @@ def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> Tabl
         identity = primary_key
     else:
         identity = ()
-    return TableCatalog(schema, table, columns, primary_key, replica_identity, identity)
+    return TableCatalog(
+        schema, table, columns, primary_key, replica_identity, identity, relkind == "p"
+    )
 
 
 def _index_columns(
@@ -199,10 +202,14 @@ def _check_table(table: TableCatalog, request: TableRequest) -> tuple[str, ...]:
     """Validate key and subject placeholders; return the key columns to use."""
     name = table.qualified_name
     if not table.identity_columns:
+        if table.replica_identity == "n":
+            fix = f"ALTER TABLE {table.sql_name} REPLICA IDENTITY DEFAULT (or FULL)"
+            what = "has REPLICA IDENTITY NOTHING"
+        else:
+            fix = f"add a primary key, or run ALTER TABLE {table.sql_name} REPLICA IDENTITY FULL"
+            what = "has no primary key and no replica identity"
         raise SetupError(
-            f"table {name} has no primary key and no replica identity: once published, its "
-            "UPDATEs and DELETEs would fail; add a primary key, or run "
-            f"ALTER TABLE {table.sql_name} REPLICA IDENTITY FULL"
+            f"table {name} {what}: once published, its UPDATEs and DELETEs would fail; {fix}"
         )
     if request.key is not None:
         missing = [c for c in request.key if c not in table.columns]
@@ -217,7 +224,13 @@ def _check_table(table: TableCatalog, request: TableRequest) -> tuple[str, ...]:
             )
         key = request.key
     else:
-        key = table.primary_key or table.identity_columns
+        # The key must be logged for deletes: the primary key when the replica identity
+        # covers it, else the identity index's columns (REPLICA IDENTITY USING INDEX).
+        identity = set(table.identity_columns)
+        if table.primary_key and identity.issuperset(table.primary_key):
+            key = table.primary_key
+        else:
+            key = table.identity_columns
     placeholders = SubjectTemplate(request.subject).placeholders - BUILTIN_PLACEHOLDERS
     unknown = sorted(p for p in placeholders if p not in table.columns)
     if unknown:
@@ -242,7 +255,7 @@ def _ensure_publication(
     create_if_missing: bool,
 ) -> None:
     exists = conn.execute(
-        "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+        "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)
     ).fetchone()
     table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables)
     if exists is None:
@@ -251,10 +264,12 @@ def _ensure_publication(
                 f"publication {publication!r} does not exist and postgres.create_if_missing is "
                 f"false (run sql/setup.sql, or set postgres.create_if_missing: true)"
             )
+        # Via the partition root: a partitioned table's changes then carry its own
+        # name, the one in the config, rather than the name of each leaf partition.
         conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(publication), table_list
-            )
+            sql.SQL(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
+            ).format(sql.Identifier(publication), table_list)
         )
         log.info(
             "created publication %s for %s",
@@ -262,6 +277,13 @@ def _ensure_publication(
             ", ".join(t.qualified_name for t in tables),
         )
         return
+    partitioned = [t.qualified_name for t in tables if t.partitioned]
+    if partitioned and not exists[0]:
+        raise SetupError(
+            f"publication {publication!r} publishes the partitions of {', '.join(partitioned)} "
+            "under their own names: run ALTER PUBLICATION "
+            f"{publication} SET (publish_via_partition_root = true)"
+        )
     published = {
         f"{r[0]}.{r[1]}"
         for r in conn.execute(

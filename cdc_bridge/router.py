@@ -93,8 +93,11 @@ class Router:
             return None
         commit_lsn = format_lsn(message.commit_lsn)
         index = str(message.index)
+        # A non-transactional message's own LSN can equal the commit LSN of the
+        # transaction around it: a distinct suffix keeps the two ids apart.
+        position = index if message.transactional else "m"
         headers = {
-            "Nats-Msg-Id": f"{self._slot}:{commit_lsn}:{index}",
+            "Nats-Msg-Id": f"{self._slot}:{commit_lsn}:{position}",
             "Cdc-Op": "message",
             "Cdc-Commit-Lsn": commit_lsn,
             "Cdc-Index": index,

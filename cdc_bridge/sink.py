@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from cdc_bridge.errors import PublishError, SetupError, SinkError
+from cdc_bridge.errors import PublishError, SetupError, SinkError, first_line
 from cdc_bridge.routing import subject_is_covered
 
 __all__ = ["JetStreamSink", "StreamSpec"]
@@ -37,6 +37,10 @@ __all__ = ["JetStreamSink", "StreamSpec"]
 log = logging.getLogger(__name__)
 
 Ticket = TypeVar("Ticket")
+
+#: nats-server's protocol line (HPUB subject reply sizes) is at most 4096 bytes by default
+#: (max_control_line); this leaves room for the reply subject and the sizes.
+MAX_SUBJECT_BYTES = 3800
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,8 @@ class JetStreamSink(Generic[Ticket]):
 
         async def record_error(exc: BaseException) -> None:
             last_error.append(exc)
+            for sink in sinks:  # after connect: e.g. a publish permission violation
+                sink._fail(SinkError(f"NATS reported an error: {first_line(exc)}"))
 
         try:
             # nats-py retries a failed first connect forever whatever the options say,
@@ -184,6 +190,14 @@ class JetStreamSink(Generic[Ticket]):
     ) -> None:
         """Send one message; returns once it is written, not when it is acked."""
         self.raise_if_failed()
+        if len(subject) > MAX_SUBJECT_BYTES and len(subject.encode()) > MAX_SUBJECT_BYTES:
+            # nats-server would drop the connection (its protocol line is 4 KB at most).
+            raise PublishError(
+                f"the subject {subject[:60]}… is {len(subject.encode())} bytes, over the "
+                f"{MAX_SUBJECT_BYTES} bytes a NATS subject may have here: route by a column "
+                "with shorter values",
+                subject=subject[:60],
+            )
         size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
         if size > self._nc.max_payload:
             # Raised before anything is sent; the slot stays at the change before it.
@@ -301,8 +315,11 @@ class JetStreamSink(Generic[Ticket]):
                 await self._watchdog
         if self._failure.done():
             self._failure.exception()  # mark retrieved: the caller has seen it already
+        # nats-py's close waits for the socket to drain, forever if the server stopped
+        # reading: bounded, so a failed bridge always exits.
         with contextlib.suppress(Exception):
-            await self._nc.close()
+            async with asyncio.timeout(5):
+                await self._nc.close()
 
 
 def stream_subjects(filters: Iterable[str]) -> tuple[str, ...]:

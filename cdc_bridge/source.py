@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Output settings for the walsender session (see the module docstring).
 SESSION_OPTIONS = (
     "-c datestyle=ISO -c intervalstyle=postgres -c timezone=UTC "
-    "-c extra_float_digits=3 -c bytea_output=hex"
+    "-c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8"
 )
 
 
@@ -127,7 +127,7 @@ class ReplicationSource:
     def _stream_end_reason(self) -> str:
         result = self._pgconn.get_result()
         if result is not None and result.error_message:
-            return result.error_message.decode(errors="replace").strip()
+            return result.error_message.decode(errors="replace").strip().splitlines()[0]
         return _pq_error(self._pgconn) or "the server closed the stream"
 
     async def send_status(self, *, flush_lsn: int, reply_requested: bool = False) -> None:
@@ -220,4 +220,5 @@ async def _close_quietly(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> N
 
 
 def _pq_error(pgconn: pq.abc.PGconn) -> str:
-    return pgconn.error_message.decode(errors="replace").strip()
+    text = pgconn.error_message.decode(errors="replace").strip()
+    return text.splitlines()[0] if text else ""

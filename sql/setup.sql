@@ -78,7 +78,11 @@ ALTER TABLE public.conversations REPLICA IDENTITY FULL;
 -- superuser, who also needs CREATE on the database. It covers the configured tables
 -- only; to stream another table later:
 --     ALTER PUBLICATION cdc_bridge ADD TABLE public.other_table;
-CREATE PUBLICATION cdc_bridge FOR TABLE public.conversations;
+-- publish_via_partition_root: changes of a partitioned table carry the table's own name
+-- (the one in the config), not the names of its partitions. cdc-bridge creates its
+-- publications the same way.
+CREATE PUBLICATION cdc_bridge FOR TABLE public.conversations
+    WITH (publish_via_partition_root = true);
 
 -- 5. The slot (postgres.slot): the bridge's position in the WAL.
 --

@@ -416,7 +416,8 @@ def test_non_transactional_binary_message() -> None:
     assert out is not None
     assert out.subject == "cdc.message.my_app_v2"
     assert out.headers == {
-        "Nats-Msg-Id": f"{SLOT}:0/16B4000:0",
+        # ":m", not ":0": the message's LSN may be the commit LSN of a transaction.
+        "Nats-Msg-Id": f"{SLOT}:0/16B4000:m",
         "Cdc-Op": "message",
         "Cdc-Commit-Lsn": "0/16B4000",
         "Cdc-Index": "0",
