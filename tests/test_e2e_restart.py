@@ -8,6 +8,8 @@ must never have been ahead of what JetStream acknowledged.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from cdc_bridge.local_servers import start_nats
 from cdc_bridge.lsn import parse_lsn
 from cdc_bridge.pgoutput import Commit, decode_message
 from tests.fixtures.bridge import (
@@ -208,3 +211,60 @@ def test_slot_is_not_confirmed_before_the_pubacks_arrive(
     finally:
         bridge.stop_quietly()
         proxy.close()
+
+
+def test_frozen_nats_server_makes_the_bridge_exit_and_a_restart_loses_nothing(
+    database: str, tmp_path: Path
+) -> None:
+    """nats-server stops answering (SIGSTOP): no PubAck within ack_timeout → exit 1."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id bigserial PRIMARY KEY, tx int, position int, "
+            "touched boolean NOT NULL DEFAULT false, pad text)"
+        )
+    server = start_nats()
+    try:
+        config = write_config(
+            tmp_path / "config.yaml",
+            dsn=database,
+            nats_url=server.url,
+            stream="frozen",
+            tables={"public.items": {"subject": "items.{op}"}},
+            extra={"nats": {"ack_timeout": 2}},
+        )
+        bridge = BridgeProcess(config, tmp_path / "bridge.log")
+        writer = Writer(database)
+        try:
+            bridge.start()
+            writer.write(5)
+            wait_for_messages(server.url, "frozen", writer.changes)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                # Enough data to fill the socket buffers towards the frozen server.
+                big = 2000
+                writer.conn.execute(
+                    "INSERT INTO items (tx, position, pad) "
+                    "SELECT -1, g, repeat('x', 6000) FROM generate_series(1, %s) g",
+                    (big,),
+                )
+                writer.changes += big
+                assert bridge.process is not None
+                started = time.monotonic()
+                assert bridge.process.wait(30) == 1
+                assert time.monotonic() - started < 20
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            last = bridge.log_text().strip().splitlines()[-1]
+            assert last.startswith("cdc-bridge: error: no PubAck for items.insert within 2s")
+            wait_slot_inactive(database, "cdc_bridge")
+            bridge.start()
+            wait_for_messages(server.url, "frozen", writer.changes)
+            assert bridge.terminate() == 0
+        finally:
+            bridge.stop_quietly()
+        messages = read_stream(server.url, "frozen")
+        ids = [m.headers["Nats-Msg-Id"] for m in messages]
+        assert len(ids) == len(set(ids)) == writer.changes
+        assert sum(1 for m in messages if m.body["after"]["tx"] == -1) == big
+    finally:
+        server.cleanup()
