@@ -1,0 +1,149 @@
+"""``cdc-bridge status``: where the slot is, how far behind it is, and what was published last.
+
+Lag in bytes is ``pg_current_wal_lsn() - confirmed_flush_lsn`` (WAL the slot still
+retains; it includes WAL of tables that are not streamed until the next keepalive is
+confirmed). "Last commit age" is the time since the commit (``source.commit_ts``) of
+the newest message in the stream: how old the freshest change downstream is. It grows
+while the tables see no writes, so read it together with the byte lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import orjson
+
+from cdc_bridge.admin import database, jetstream
+from cdc_bridge.config import Settings
+from cdc_bridge.errors import SetupError
+from cdc_bridge.provisioning import connect
+
+__all__ = ["collect_status", "run_status"]
+
+
+def _slot(settings: Settings) -> database.SlotInfo | None:
+    pg = settings.postgres
+    with connect(settings.conninfo(), pg.connect_timeout) as conn:
+        return database.slot_info(conn, pg.slot)
+
+
+async def _stream(settings: Settings) -> dict[str, Any]:
+    cfg = settings.nats
+    nc = await jetstream.connect(cfg.url, cfg.connect_timeout)
+    try:
+        info = await jetstream.stream_info(nc, cfg.stream)
+        if info is None:
+            return {"name": cfg.stream, "exists": False}
+        last = await jetstream.last_message(nc, info)
+    finally:
+        await jetstream.close(nc)
+    stream: dict[str, Any] = {
+        "name": cfg.stream,
+        "exists": True,
+        "messages": info.state.messages,
+        "last_seq": info.state.last_seq,
+        "last_message": None,
+    }
+    if last is not None:
+        try:
+            body = orjson.loads(last.data)
+        except orjson.JSONDecodeError:
+            body = {}
+        source = body.get("source", {}) if isinstance(body, dict) else {}
+        stream["last_message"] = {
+            "seq": last.seq,
+            "subject": last.subject,
+            "time": last.time.isoformat().replace("+00:00", "Z") if last.time else None,
+            "commit_lsn": last.headers.get("Cdc-Commit-Lsn"),
+            "op": last.headers.get("Cdc-Op"),
+            "table": last.headers.get("Cdc-Table"),
+            "commit_ts": source.get("commit_ts") if isinstance(source, dict) else None,
+        }
+    return stream
+
+
+def _age(commit_ts: str | None) -> float | None:
+    if not commit_ts:
+        return None
+    try:
+        committed = datetime.fromisoformat(commit_ts)
+    except ValueError:
+        return None
+    return round((datetime.now(UTC) - committed).total_seconds(), 3)
+
+
+async def collect_status(settings: Settings) -> dict[str, Any]:
+    slot = await asyncio.to_thread(_slot, settings)
+    if slot is None:
+        raise SetupError(
+            f"replication slot {settings.postgres.slot!r} does not exist "
+            "(run cdc-bridge setup, or start the bridge)"
+        )
+    stream = await _stream(settings)
+    last = stream.get("last_message")
+    return {
+        "slot": {
+            "name": slot.name,
+            "active": slot.active,
+            "active_pid": slot.active_pid,
+            "confirmed_flush_lsn": slot.confirmed_flush_lsn,
+            "restart_lsn": slot.restart_lsn,
+            "wal_status": slot.wal_status,
+            "safe_wal_size": slot.safe_wal_size,
+        },
+        "current_wal_lsn": slot.current_wal_lsn,
+        "lag_bytes": slot.lag_bytes,
+        "last_commit_age_seconds": _age(last.get("commit_ts")) if last else None,
+        "stream": stream,
+    }
+
+
+def render(status: dict[str, Any]) -> str:
+    slot = status["slot"]
+    stream = status["stream"]
+    running = (
+        f"yes: active, held by PID {slot['active_pid']}" if slot["active"] else "no (inactive)"
+    )
+    safe = slot["safe_wal_size"]
+    lines = [
+        f"slot                 {slot['name']}",
+        f"  bridge running     {running}",
+        f"  confirmed_flush    {slot['confirmed_flush_lsn']}",
+        f"  restart_lsn        {slot['restart_lsn']}",
+        f"  current WAL        {status['current_wal_lsn']}",
+        f"  lag                {status['lag_bytes']} bytes (current WAL - confirmed_flush)",
+        f"  wal_status         {slot['wal_status']}"
+        + (f" (safe_wal_size {safe} bytes)" if safe is not None else ""),
+    ]
+    if not stream["exists"]:
+        lines.append(f"stream               {stream['name']}: does not exist")
+        return "\n".join(lines)
+    lines.append(
+        f"stream               {stream['name']}: {stream['messages']} messages, "
+        f"last seq {stream['last_seq']}"
+    )
+    last = stream["last_message"]
+    if last is None:
+        lines.append("  last message       none")
+    else:
+        age = status["last_commit_age_seconds"]
+        lines += [
+            f"  last message       seq {last['seq']} {last['subject']} ({last['op']})",
+            f"  stored at          {last['time']}",
+            f"  Cdc-Commit-Lsn     {last['commit_lsn']}",
+            f"  commit time        {last['commit_ts']}"
+            + (f" ({age:.1f}s ago: age of the newest change in the stream)" if age else ""),
+        ]
+    return "\n".join(lines)
+
+
+async def run_status(settings: Settings, *, as_json: bool) -> int:
+    status = await collect_status(settings)
+    if as_json:
+        click.echo(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render(status))
+    return 0
