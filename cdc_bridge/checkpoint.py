@@ -25,6 +25,7 @@ class TransactionTicket:
 
     pending: int = 0
     end_lsn: int | None = None  # set at commit; None while the transaction is open
+    commit_time: float = 0.0  # unix time of the commit (for metrics); 0 if unknown
 
 
 class Checkpointer:

@@ -1,4 +1,4 @@
-"""Command line: ``cdc-bridge run`` and ``cdc-bridge demo``.
+"""Command line: ``cdc-bridge run``, ``demo`` and the admin commands (``cdc_bridge/admin/``).
 
 Thin on purpose: click parses, settings are built, then one function runs. Every failure
 ends as one line on stderr, ``cdc-bridge: error: …``, and a non-zero exit code:
@@ -16,9 +16,10 @@ from typing import Any, NoReturn
 
 import click
 
-from cdc_bridge import __version__
+from cdc_bridge import __version__, logs
 from cdc_bridge.config import Settings, load_settings
 from cdc_bridge.errors import CdcBridgeError, ConfigError
+from cdc_bridge.logs import LogFormat
 
 __all__ = ["main"]
 
@@ -33,12 +34,9 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.exit(code)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, log_format: LogFormat = "auto") -> None:
+    """Logs to stderr as JSON lines or text (see :mod:`cdc_bridge.logs`)."""
+    logs.configure_logging(level, log_format, sys.stderr)
     # nats-py logs every failed reconnect at ERROR; the bridge reports what matters itself.
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
@@ -104,7 +102,7 @@ def run(config_path: str | None) -> None:
     exits 0.
     """
     settings = _load(config_path)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def bridge(stop: asyncio.Event) -> None:
         from cdc_bridge.pipeline import run_bridge
@@ -175,3 +173,201 @@ def _run_reporting_errors(main_coro: Callable[[asyncio.Event], Coroutine[Any, An
     except Exception as exc:
         log.debug("unexpected error", exc_info=True)
         _fail(f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)")
+
+
+# ------------------------------------------------------------------------ admin commands
+# Each parses its options, builds the settings, then calls one function in
+# cdc_bridge/admin/ that returns the exit code.
+
+_config_option = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    envvar="CDC_BRIDGE_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML config file (default: $CDC_BRIDGE_CONFIG). "
+    "Env vars CDC_BRIDGE_<SECTION>__<KEY> override it.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _admin_settings(config_path: str | None) -> Settings:
+    settings = _load(config_path)
+    # Commands print their results on stdout; only warnings and errors are logged.
+    configure_logging("WARNING", settings.log_format)
+    return settings
+
+
+def _exit_with(job: Callable[[], int]) -> NoReturn:
+    """Run ``job``; exit with its code, or with one error line on failure."""
+    try:
+        code = job()
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except CdcBridgeError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        _fail(f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)")
+    sys.exit(code)
+
+
+@main.command()
+@_config_option
+@_json_option
+def check(config_path: str | None, as_json: bool) -> None:
+    """Preflight: check PostgreSQL, NATS and the config without changing anything.
+
+    Checks the server version (14+), wal_level, free replication slots and WAL senders,
+    the role's replication privilege, each table (exists, key, replica identity, subject
+    placeholders), the publication, the slot (plugin, wal_status, lag), NATS, JetStream,
+    the stream and max_payload. Prints ✓ / ! (warning) / ✗ per check, with the fix for
+    each ✗. Exit 0 if nothing failed, 1 otherwise.
+
+    \b
+    Examples:
+      cdc-bridge check -c config.yaml
+      cdc-bridge check -c config.yaml --json | jq '.checks[] | select(.status == "fail")'
+    """
+    from cdc_bridge.admin.check import run_check
+
+    settings = _admin_settings(config_path)
+    _exit_with(lambda: asyncio.run(run_check(settings, as_json=as_json)))
+
+
+@main.command()
+@_config_option
+def setup(config_path: str | None) -> None:
+    """Create the stream, the publication and the slot (whatever is missing).
+
+    Idempotent: what exists is checked and kept. The same checks and steps as `run` at
+    start, with creation allowed whatever postgres.create_if_missing and
+    nats.create_stream say.
+
+    \b
+    Examples:
+      cdc-bridge setup -c config.yaml
+    """
+    from cdc_bridge.admin.setup import run_setup
+
+    settings = _admin_settings(config_path)
+    _exit_with(lambda: asyncio.run(run_setup(settings)))
+
+
+@main.command()
+@_config_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--keep-stream", is_flag=True, help="Keep the JetStream stream and its messages.")
+def teardown(config_path: str | None, yes: bool, keep_stream: bool) -> None:
+    """Drop the slot, the publication and the stream.
+
+    Dropping the slot loses its position (changes made until a new slot exists are never
+    streamed) and frees the WAL it retains. Refuses while the slot is active, i.e. while
+    a bridge is running (the message names its PID).
+
+    \b
+    Examples:
+      cdc-bridge teardown -c config.yaml
+      cdc-bridge teardown -c config.yaml --yes --keep-stream
+    """
+    from cdc_bridge.admin.teardown import run_teardown
+
+    settings = _admin_settings(config_path)
+    _exit_with(lambda: run_teardown(settings, yes=yes, keep_stream=keep_stream))
+
+
+@main.command()
+@_config_option
+@_json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """Slot position and lag, whether a bridge is running, and the last published message.
+
+    Lag in bytes is pg_current_wal_lsn() - confirmed_flush_lsn; the commit time of the
+    newest message in the stream shows how fresh the stream is.
+
+    \b
+    Examples:
+      cdc-bridge status -c config.yaml
+      cdc-bridge status -c config.yaml --json | jq .lag_bytes
+    """
+    from cdc_bridge.admin.status import run_status
+
+    settings = _admin_settings(config_path)
+    _exit_with(lambda: asyncio.run(run_status(settings, as_json=as_json)))
+
+
+@main.command()
+@_config_option
+@click.argument("subject_filter", required=False)
+@click.option("--from-start", is_flag=True, help="Start with the stream's first message.")
+@click.option("--last", type=click.IntRange(min=1), help="Start with the stream's last N messages.")
+@click.option("--count", type=click.IntRange(min=0), help="Exit after N messages.")
+@click.option("--verbose", "-v", is_flag=True, help="Print headers and bodies.")
+@_json_option
+def tail(
+    config_path: str | None,
+    subject_filter: str | None,
+    from_start: bool,
+    last: int | None,
+    count: int | None,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """Print the stream's messages as they arrive (default: all its subjects, new ones).
+
+    One line per message: stream sequence, subject, op, table, key, commit LSN. With
+    --json, one JSON object per line (seq, subject, headers, body). Ctrl-C exits 0.
+
+    \b
+    Examples:
+      cdc-bridge tail -c config.yaml
+      cdc-bridge tail -c config.yaml 'messages.>' --last 10 --verbose
+      cdc-bridge tail -c config.yaml --from-start --count 100 --json > messages.jsonl
+    """
+    from cdc_bridge.admin.tail import run_tail
+
+    if from_start and last is not None:
+        _fail("--from-start and --last cannot be combined", EXIT_CONFIG)
+    settings = _admin_settings(config_path)
+
+    async def go(stop: asyncio.Event) -> None:
+        await run_tail(
+            settings,
+            stop=stop,
+            subject=subject_filter,
+            from_start=from_start,
+            last=last,
+            count=count,
+            as_json=as_json,
+            verbose=verbose,
+        )
+
+    def job() -> int:
+        run_until_signalled(go)
+        return 0
+
+    _exit_with(job)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@_config_option
+@_json_option
+def config_show(config_path: str | None, as_json: bool) -> None:
+    """Print the effective configuration (YAML + secret files + env), secrets masked.
+
+    \b
+    Examples:
+      cdc-bridge config show -c config.yaml
+      CDC_BRIDGE_NATS__STREAM=other cdc-bridge config show -c config.yaml --json
+    """
+    from cdc_bridge.admin.show import run_show
+
+    settings = _load(config_path)
+    _exit_with(lambda: run_show(settings, as_json=as_json))

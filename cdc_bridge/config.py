@@ -47,7 +47,10 @@ from cdc_bridge.routing import SubjectTemplate, subject_is_covered
 
 __all__ = [
     "ENV_PREFIX",
+    "HEARTBEAT_SUBJECT",
+    "HeartbeatSettings",
     "LogicalMessageSettings",
+    "MetricsSettings",
     "NatsSettings",
     "PostgresSettings",
     "Settings",
@@ -61,7 +64,12 @@ SECRETS_DIR_ENV = "CDC_BRIDGE_SECRETS_DIR"
 
 # Variables with our prefix that are not settings keys; any other CDC_BRIDGE_* variable
 # whose section is unknown is reported as a typo.
-_NON_SETTING_ENV = re.compile(r"^CDC_BRIDGE_(CONFIG|SECRETS_DIR|TEST_.*|PG_BIN|BENCH_.*)$", re.I)
+_NON_SETTING_ENV = re.compile(
+    r"^CDC_BRIDGE_(CONFIG|SECRETS_DIR|TEST_.*|PG_BIN|BENCH_.*"
+    # Kubernetes injects these for a Service named cdc-bridge ("service links").
+    r"|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?|SERVICE_HOST|SERVICE_PORT(_.+)?)$",
+    re.I,
+)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -186,6 +194,38 @@ class LogicalMessageSettings(_Section):
         return value
 
 
+class MetricsSettings(_Section):
+    """The HTTP port for Prometheus metrics and the health probes."""
+
+    enabled: bool = Field(default=True, description="serve /metrics, /livez and /readyz over HTTP")
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=9187, ge=0, le=65535, description="port; 0 picks a free one")
+    ready_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds without progress (a frame from PostgreSQL, a PubAck) after "
+        "which /readyz fails",
+    )
+
+
+#: Where heartbeat messages go when ``heartbeat.publish`` is true.
+HEARTBEAT_SUBJECT = "cdc.heartbeat"
+
+
+class HeartbeatSettings(_Section):
+    """Periodic ``pg_logical_emit_message`` so the slot advances on a quiet database."""
+
+    interval: float = Field(default=30.0, ge=0, description="seconds between beats; 0 disables")
+    publish: bool = Field(
+        default=False, description=f"publish heartbeat messages to {HEARTBEAT_SUBJECT}"
+    )
+    prefix: str = Field(
+        default="cdc_bridge.heartbeat",
+        min_length=1,
+        description="the logical decoding message prefix of the heartbeats",
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration of one bridge process."""
 
@@ -200,11 +240,17 @@ class Settings(BaseSettings):
     nats: NatsSettings = NatsSettings()
     tables: dict[str, TableSettings] = Field(min_length=1)
     messages: LogicalMessageSettings = LogicalMessageSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="log verbosity"
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="json lines or text on stderr; auto: json unless stderr is a terminal",
     )
 
     @model_validator(mode="after")
@@ -214,6 +260,8 @@ class Settings(BaseSettings):
         templates = {f"tables.{n}.subject": t.subject for n, t in self.tables.items()}
         if self.messages.publish:
             templates["messages.subject"] = self.messages.subject
+        if self.heartbeat.publish:
+            templates["heartbeat.publish"] = HEARTBEAT_SUBJECT
         for key, template in templates.items():
             wanted = SubjectTemplate(template).stream_filter
             if not subject_is_covered(wanted, self.nats.subjects):

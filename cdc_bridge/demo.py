@@ -64,6 +64,7 @@ def demo_settings(postgres: LocalPostgres, server: LocalNats) -> Settings:
         },
         nats={"url": server.url, "stream": STREAM, "max_age": 3600},
         tables={"public.conversations": {"subject": SUBJECT}},
+        metrics={"host": "127.0.0.1", "port": 0},  # a free port, printed at start
         shutdown_timeout=10,
     )
 
@@ -86,6 +87,7 @@ async def run_demo(
         bridge = asyncio.create_task(run_bridge(settings, stop=bridge_stop, stats=stats))
         await _wait_ready(bridge, stats)
         say(f"bridge streaming public.conversations -> {SUBJECT} in stream {STREAM}")
+        say(f"  metrics    http://127.0.0.1:{stats.metrics_port}/metrics (also /readyz)")
         say("Ctrl-C to stop.\n")
         received = _Counter()
         watcher = await _watch(server.url, verbose, received)

@@ -18,6 +18,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import orjson
+from prometheus_client import CollectorRegistry
+
 from cdc_bridge.changes import (
     Change,
     ChangeAssembler,
@@ -25,10 +28,14 @@ from cdc_bridge.changes import (
     TransactionEnd,
 )
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
-from cdc_bridge.config import Settings
-from cdc_bridge.errors import DecodeError
+from cdc_bridge.config import HEARTBEAT_SUBJECT, Settings
+from cdc_bridge.errors import DecodeError, SetupError
+from cdc_bridge.heartbeat import run_heartbeat
+from cdc_bridge.http_server import HttpServer
+from cdc_bridge.logs import bind_log_context
 from cdc_bridge.lsn import format_lsn
-from cdc_bridge.pgoutput import PrimaryKeepalive, Relation, decode_message
+from cdc_bridge.metrics import BridgeMetrics, SlotCollector
+from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS, PrimaryKeepalive, Relation, decode_message
 from cdc_bridge.provisioning import DatabaseState, TableRequest, check_database, ensure_replication
 from cdc_bridge.router import Router
 from cdc_bridge.routing import SubjectTemplate
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 # commits costs a few status updates rather than one per transaction.
 STATUS_COALESCE_SECONDS = 0.1
 
+# PostgreSQL timestamps count microseconds from 2000-01-01; this turns them into unix time.
+_PG_EPOCH_UNIX = PG_EPOCH_UNIX_MICROS / 1e6
+
 
 @dataclass
 class BridgeStats:
@@ -52,6 +62,7 @@ class BridgeStats:
     transactions: int = 0
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics_port: int | None = None  # where /metrics listens, once it does
 
 
 def stream_spec(settings: Settings) -> StreamSpec:
@@ -62,6 +73,8 @@ def stream_spec(settings: Settings) -> StreamSpec:
         filters = [SubjectTemplate(t.subject).stream_filter for t in settings.tables.values()]
         if settings.messages.publish:
             filters.append(SubjectTemplate(settings.messages.subject).stream_filter)
+        if settings.heartbeat.publish:
+            filters.append(HEARTBEAT_SUBJECT)
         subjects = stream_subjects(filters)
     return StreamSpec(
         name=nats.stream,
@@ -83,17 +96,62 @@ def table_requests(settings: Settings) -> dict[str, TableRequest]:
 
 
 async def run_bridge(
-    settings: Settings, *, stop: asyncio.Event, stats: BridgeStats | None = None
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    stats: BridgeStats | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
-    """Stream changes until ``stop`` is set; raise a :class:`CdcBridgeError` on failure."""
+    """Stream changes until ``stop`` is set; raise a :class:`CdcBridgeError` on failure.
+
+    With ``metrics.enabled``, /metrics, /livez and /readyz are served from before the
+    first connection until the end. Metrics go to ``registry`` (default: a new one).
+    """
     stats = stats or BridgeStats()
+    registry = registry or CollectorRegistry()
+    metrics = BridgeMetrics(
+        registry,
+        max_in_flight=settings.nats.max_in_flight,
+        ready_timeout=settings.metrics.ready_timeout,
+    )
+    registry.register(SlotCollector(settings.conninfo(), settings.postgres.slot))
+    server: HttpServer | None = None
+    if settings.metrics.enabled:
+        host, port = settings.metrics.host, settings.metrics.port
+        server = HttpServer(
+            host=host, port=port, registry=registry, readiness=metrics.readiness_problem
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise SetupError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+                "(change metrics.port, or set metrics.enabled: false)"
+            ) from None
+        stats.metrics_port = server.port
+        log.info("serving /metrics, /livez and /readyz on %s:%d", host, server.port)
+    try:
+        await _run(settings, stop, stats, metrics)
+    finally:
+        if server is not None:
+            await server.close()
+
+
+async def _run(
+    settings: Settings, stop: asyncio.Event, stats: BridgeStats, metrics: BridgeMetrics
+) -> None:
     pg = settings.postgres
+    bind_log_context(slot=pg.slot)  # on every record of this task and the tasks it starts
     progress = asyncio.Event()
     checkpointer: Checkpointer | None = None
 
     def on_ack(ticket: TransactionTicket, duplicate: bool) -> None:
         assert checkpointer is not None
         checkpointer.acked(ticket)
+        commit_time = ticket.commit_time
+        if commit_time:
+            metrics.acked_commit_time = commit_time
+            metrics.commit_to_ack.observe(time.time() - commit_time)
 
     # NATS first: a bridge that cannot publish should not create a slot that pins WAL.
     sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
@@ -102,7 +160,9 @@ async def run_bridge(
         max_in_flight=settings.nats.max_in_flight,
         ack_timeout=settings.nats.ack_timeout,
         connect_timeout=settings.nats.connect_timeout,
+        metrics=metrics,
     )
+    metrics.sink = sink
     try:
         # Check everything before creating anything (stream, publication, slot).
         state: DatabaseState = await asyncio.to_thread(
@@ -122,15 +182,21 @@ async def run_bridge(
             connect_timeout=pg.connect_timeout,
         )
         checkpointer = Checkpointer(confirmed, on_advance=progress.set)
+        metrics.checkpoint = checkpointer
         source = await ReplicationSource.open(
             settings.conninfo(),
             slot=pg.slot,
             publication=pg.publication,
             start_lsn=confirmed,
             connect_timeout=pg.connect_timeout,
+            metrics=metrics,
         )
+        metrics.source = source
+        metrics.last_progress = time.monotonic()
         try:
-            await _stream(settings, state, source, sink, checkpointer, progress, stop, stats)
+            await _stream(
+                settings, state, source, sink, checkpointer, progress, stop, stats, metrics
+            )
         finally:
             await source.close()
     finally:
@@ -146,7 +212,14 @@ async def _stream(
     progress: asyncio.Event,
     stop: asyncio.Event,
     stats: BridgeStats,
+    metrics: BridgeMetrics,
 ) -> None:
+    heartbeat = settings.heartbeat
+    heartbeat_router = (
+        Router(slot=settings.postgres.slot, table_subjects={}, message_subject=HEARTBEAT_SUBJECT)
+        if heartbeat.publish
+        else None
+    )
     router = Router(
         slot=settings.postgres.slot,
         table_subjects={name: t.subject for name, t in settings.tables.items()},
@@ -154,7 +227,19 @@ async def _stream(
     )
     assembler = ChangeAssembler(key_columns=state.key_columns)
     reader = asyncio.create_task(
-        _read(source, sink, checkpointer, assembler, router, stats), name="wal-reader"
+        _read(
+            source,
+            sink,
+            checkpointer,
+            assembler,
+            router,
+            stats,
+            metrics,
+            heartbeat.prefix,
+            heartbeat_router,
+            settings.postgres.slot,
+        ),
+        name="wal-reader",
     )
     status = asyncio.create_task(
         _send_status(source, checkpointer, progress, settings.postgres.status_interval),
@@ -162,6 +247,20 @@ async def _stream(
     )
     failure = asyncio.create_task(sink.wait_failed(), name="sink-failure")
     stopped = asyncio.create_task(stop.wait(), name="stop")
+    # Never ends by itself, and its failures are only warnings: not waited on below.
+    beat: asyncio.Task[None] | None = None
+    if heartbeat.interval > 0:
+        beat = asyncio.create_task(
+            run_heartbeat(
+                settings.conninfo(),
+                interval=heartbeat.interval,
+                prefix=heartbeat.prefix,
+                slot=settings.postgres.slot,
+                metrics=metrics,
+                connect_timeout=settings.postgres.connect_timeout,
+            ),
+            name="heartbeat",
+        )
     stats.ready.set()
     log.info(
         "streaming slot %s from %s to stream %s",
@@ -194,6 +293,8 @@ async def _stream(
             )
     finally:
         tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
+        if beat is not None:
+            tasks.append(beat)  # type: ignore[arg-type]
         for pending in tasks:
             pending.cancel()
         for pending in tasks:
@@ -223,24 +324,38 @@ async def _read(
     assembler: ChangeAssembler,
     router: Router,
     stats: BridgeStats,
+    metrics: BridgeMetrics,
+    heartbeat_prefix: str,
+    heartbeat_router: Router | None,
+    slot: str,
 ) -> None:
     ticket: TransactionTicket | None = None
     unrouted: set[int] = set()  # relations already warned about
+    kinds = metrics.pgoutput_messages
+    table_ops: dict[int, dict[str, int]] = {}  # relation OID → its op counters
+    monotonic = time.monotonic
     while True:
         frame = await source.read_frame()
+        metrics.last_progress = monotonic()
         if type(frame) is PrimaryKeepalive:
+            metrics.server_wal_end = frame.wal_end
             checkpointer.keepalive(frame.wal_end)
+            if checkpointer.idle:
+                metrics.caught_up_time = frame.send_time / 1e6 + _PG_EPOCH_UNIX
             if frame.reply_requested:
                 await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
             continue
         message = decode_message(frame.payload)  # type: ignore[union-attr]
+        kinds[type(message)] += 1
         if type(message) is Relation:
             router.forget_table(message.oid)
             unrouted.discard(message.oid)
+            table_ops.pop(message.oid, None)  # its name may have changed
         for event in assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
             if isinstance(event, Change):
                 outgoing = router.route_change(event)
                 if outgoing is None:
+                    metrics.skipped_changes += 1
                     if event.table.oid not in unrouted:
                         unrouted.add(event.table.oid)
                         log.warning(
@@ -254,16 +369,30 @@ async def _read(
                 checkpointer.published(ticket)
                 await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, ticket)
                 stats.changes += 1
+                ops = table_ops.get(event.table.oid)
+                if ops is None:
+                    ops = table_ops[event.table.oid] = metrics.table_ops(event.table.qualified_name)
+                ops[event.op] += 1
             elif isinstance(event, TransactionBegin):
                 ticket = checkpointer.begin()
+                ticket.commit_time = event.commit_ts / 1e6 + _PG_EPOCH_UNIX
             elif isinstance(event, TransactionEnd):
                 if ticket is None:
                     raise DecodeError("Commit without Begin")
                 checkpointer.commit(ticket, event.end_lsn)
                 ticket = None
                 stats.transactions += 1
+                metrics.transactions += 1
             else:
-                outgoing = router.route_message(event)
+                if event.prefix == heartbeat_prefix:
+                    # Ours are published only with heartbeat.publish; others' never.
+                    outgoing = (
+                        heartbeat_router.route_message(event)
+                        if heartbeat_router is not None and _is_own_heartbeat(event.content, slot)
+                        else None
+                    )
+                else:
+                    outgoing = router.route_message(event)
                 if outgoing is None:
                     continue
                 owner = ticket if event.transactional else checkpointer.standalone(event.lsn)
@@ -280,9 +409,23 @@ async def _send_status(
     while True:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
         # cancellation that shutdown sends, leaving this task (and the bridge) stuck.
-        with contextlib.suppress(TimeoutError):
+        # On the timer (nothing moved), ask the server to answer with a keepalive: a
+        # quiet stream still shows progress (/readyz) and the idle slot gets confirmed.
+        quiet = False
+        try:
             async with asyncio.timeout(interval):
                 await progress.wait()
+        except TimeoutError:
+            quiet = True
         progress.clear()
-        await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+        await source.send_status(flush_lsn=checkpointer.confirmed_lsn, reply_requested=quiet)
         await asyncio.sleep(STATUS_COALESCE_SECONDS)
+
+
+def _is_own_heartbeat(content: bytes, slot: str) -> bool:
+    """Whether a heartbeat message was written by a bridge on our slot."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("slot") == slot

@@ -23,7 +23,16 @@ from cdc_bridge.errors import SetupError, first_line
 from cdc_bridge.lsn import Lsn, parse_lsn
 from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
 
-__all__ = ["DatabaseState", "TableCatalog", "TableRequest", "check_database", "ensure_replication"]
+__all__ = [
+    "DatabaseState",
+    "TableCatalog",
+    "TableRequest",
+    "check_database",
+    "check_table",
+    "connect",
+    "ensure_replication",
+    "quote_ident",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,23 @@ def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[
         raise SetupError(
             f"cannot connect to PostgreSQL: {first_line(exc)} (check postgres.dsn)"
         ) from None
+
+
+def connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection; :class:`SetupError` with the reason if there is none."""
+    return _connect(conninfo, connect_timeout)
+
+
+def check_table(
+    conn: psycopg.Connection[tuple[object, ...]], name: str, request: TableRequest
+) -> tuple[TableCatalog, tuple[str, ...]]:
+    """One table's checks, as ``run`` does them: its catalog and key, or :class:`SetupError`.
+
+    For callers that report each table's problem instead of stopping at the first
+    (``cdc-bridge check``).
+    """
+    catalog = _load_table(conn, name)
+    return catalog, _check_table(catalog, request)
 
 
 def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
@@ -353,6 +379,11 @@ def _ensure_slot(
 def _scalar(conn: psycopg.Connection[tuple[object, ...]], query: str) -> object:
     row = conn.execute(query).fetchone()
     return None if row is None else row[0]
+
+
+def quote_ident(identifier: str) -> str:
+    """``identifier`` for SQL shown to people: quoted only when it has to be."""
+    return _quote(identifier)
 
 
 def _quote(identifier: str) -> str:

@@ -30,6 +30,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from cdc_bridge.errors import PublishError, SetupError, SinkError, first_line
+from cdc_bridge.metrics import BridgeMetrics, PublishErrorReason
 from cdc_bridge.routing import subject_is_covered
 
 __all__ = ["JetStreamSink", "StreamSpec"]
@@ -72,8 +73,10 @@ class JetStreamSink(Generic[Ticket]):
         on_ack: Callable[[Ticket, bool], None],
         max_in_flight: int,
         ack_timeout: float,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         self._nc = client
+        self._metrics = metrics or BridgeMetrics(max_in_flight=max_in_flight)
         self._on_ack = on_ack
         self._ack_timeout = ack_timeout
         self._window = asyncio.Semaphore(max_in_flight)
@@ -86,8 +89,6 @@ class JetStreamSink(Generic[Ticket]):
         self._subscription: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
-        self.published = 0
-        self.duplicates = 0
 
     @classmethod
     async def connect(
@@ -99,19 +100,20 @@ class JetStreamSink(Generic[Ticket]):
         ack_timeout: float,
         connect_timeout: float,
         name: str = "cdc-bridge",
+        metrics: BridgeMetrics | None = None,
     ) -> JetStreamSink[Ticket]:
         sinks: list[JetStreamSink[Ticket]] = []
 
         async def closed() -> None:
             for sink in sinks:
-                sink._fail(SinkError(f"connection to NATS at {url} was lost"))
+                sink._fail(SinkError(f"connection to NATS at {url} was lost"), "connection")
 
         last_error: list[BaseException] = []
 
         async def record_error(exc: BaseException) -> None:
             last_error.append(exc)
             for sink in sinks:  # after connect: e.g. a publish permission violation
-                sink._fail(SinkError(f"NATS reported an error: {first_line(exc)}"))
+                sink._fail(SinkError(f"NATS reported an error: {first_line(exc)}"), "refused")
 
         try:
             # nats-py retries a failed first connect forever whatever the options say,
@@ -134,7 +136,13 @@ class JetStreamSink(Generic[Ticket]):
                 f"cannot connect to NATS at {url}: {cause or type(cause).__name__} "
                 "(check nats.url and that nats-server is running)"
             ) from None
-        sink = cls(client, on_ack=on_ack, max_in_flight=max_in_flight, ack_timeout=ack_timeout)
+        sink = cls(
+            client,
+            on_ack=on_ack,
+            max_in_flight=max_in_flight,
+            ack_timeout=ack_timeout,
+            metrics=metrics,
+        )
         sinks.append(sink)
         sink._subscription = await client.subscribe(sink._inbox + "*", cb=sink._on_reply)
         sink._watchdog = asyncio.create_task(sink._watch_deadlines(), name="pubAck-watchdog")
@@ -143,6 +151,18 @@ class JetStreamSink(Generic[Ticket]):
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected) and not self._failure.done()
+
+    @property
+    def published(self) -> int:
+        return self._metrics.published
+
+    @property
+    def duplicates(self) -> int:
+        return self._metrics.duplicates
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         """Create the stream, or check that the existing one captures our subjects."""
@@ -192,6 +212,7 @@ class JetStreamSink(Generic[Ticket]):
         self.raise_if_failed()
         if len(subject) > MAX_SUBJECT_BYTES and len(subject.encode()) > MAX_SUBJECT_BYTES:
             # nats-server would drop the connection (its protocol line is 4 KB at most).
+            self._metrics.publish_failed("too_large")
             raise PublishError(
                 f"the subject {subject[:60]}… is {len(subject.encode())} bytes, over the "
                 f"{MAX_SUBJECT_BYTES} bytes a NATS subject may have here: route by a column "
@@ -201,6 +222,7 @@ class JetStreamSink(Generic[Ticket]):
         size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
         if size > self._nc.max_payload:
             # Raised before anything is sent; the slot stays at the change before it.
+            self._metrics.publish_failed("too_large")
             raise PublishError(
                 f"the message for {subject} is {size} bytes, over the NATS server's "
                 f"max_payload of {self._nc.max_payload} bytes: raise max_payload in the "
@@ -220,10 +242,13 @@ class JetStreamSink(Generic[Ticket]):
             # Its ticket keeps the count, so its transaction is never confirmed.
             self._forget(token)
             if isinstance(exc, Exception):
-                self._fail(SinkError(f"publish to {subject} failed: {exc or type(exc).__name__}"))
+                self._fail(
+                    SinkError(f"publish to {subject} failed: {exc or type(exc).__name__}"),
+                    "connection",
+                )
                 self.raise_if_failed()
             raise
-        self.published += 1
+        self._metrics.published += 1
 
     def _forget(self, token: str) -> None:
         if self._pending.pop(token, None) is not None:
@@ -252,12 +277,17 @@ class JetStreamSink(Generic[Ticket]):
             self._fail(
                 PublishError(
                     f"JetStream refused {pending.subject}: {reason}", subject=pending.subject
-                )
+                ),
+                "refused",
             )
             return
+        metrics = self._metrics
+        now = time.monotonic()
+        metrics.last_progress = now
+        metrics.publish_duration.observe(now - pending.deadline + self._ack_timeout)
         duplicate = bool(reply.get("duplicate"))
         if duplicate:
-            self.duplicates += 1
+            metrics.duplicates += 1
         self._on_ack(pending.ticket, duplicate)
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -276,12 +306,14 @@ class JetStreamSink(Generic[Ticket]):
                             f"no PubAck for {pending.subject} within {self._ack_timeout:g}s "
                             "(is JetStream healthy? raise nats.ack_timeout if it is just slow)",
                             subject=pending.subject,
-                        )
+                        ),
+                        "timeout",
                     )
                 break
 
-    def _fail(self, error: SinkError) -> None:
+    def _fail(self, error: SinkError, reason: PublishErrorReason) -> None:
         if not self._failure.done() and not self._closing:
+            self._metrics.publish_failed(reason)
             self._failure.set_exception(error)
 
     def raise_if_failed(self) -> None:

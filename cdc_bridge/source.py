@@ -24,6 +24,7 @@ from psycopg import pq, sql
 
 from cdc_bridge.errors import SourceError, first_line
 from cdc_bridge.lsn import format_lsn
+from cdc_bridge.metrics import BridgeMetrics
 from cdc_bridge.pgoutput import (
     PrimaryKeepalive,
     XLogData,
@@ -44,8 +45,14 @@ SESSION_OPTIONS = (
 
 
 class ReplicationSource:
-    def __init__(self, conn: psycopg.AsyncConnection[tuple[object, ...]], slot: str) -> None:
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[tuple[object, ...]],
+        slot: str,
+        metrics: BridgeMetrics | None = None,
+    ) -> None:
         self._conn = conn
+        self._metrics = metrics or BridgeMetrics()
         self._pgconn = conn.pgconn
         self._slot = slot
         self._readable = asyncio.Event()
@@ -69,6 +76,7 @@ class ReplicationSource:
         start_lsn: int = 0,
         messages: bool = True,
         connect_timeout: float = 10.0,
+        metrics: BridgeMetrics | None = None,
     ) -> ReplicationSource:
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -102,7 +110,12 @@ class ReplicationSource:
             raise SourceError(f"START_REPLICATION on slot {slot!r} did not enter COPY mode")
         conn.pgconn.nonblocking = 1
         log.info("replication started on slot %s from %s", slot, format_lsn(start_lsn))
-        return cls(conn, slot)
+        return cls(conn, slot, metrics)
+
+    @property
+    def connected(self) -> bool:
+        """True while the replication stream is open."""
+        return not self._closed and self._pgconn.status == pq.ConnStatus.OK
 
     async def read_frame(self) -> XLogData | PrimaryKeepalive:
         """The next CopyBoth frame; raises :class:`SourceError` when the stream ends."""
@@ -148,6 +161,7 @@ class ReplicationSource:
             raise SourceError(f"cannot send standby status update: {_pq_error(pgconn)}")
         await self._flush()
         self.status_updates += 1
+        self._metrics.status_updates += 1
 
     async def _flush(self) -> None:
         pgconn = self._pgconn

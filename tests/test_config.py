@@ -217,8 +217,9 @@ def test_environment_typo_in_section(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CDC_BRIDGE_POSTGRE__DSN", "host=x")
     assert _error(_write(tmp_path, MINIMAL_YAML)) == (
         "environment variable CDC_BRIDGE_POSTGRE__DSN: unknown setting 'postgre' "
-        "(known: log_level, messages, nats, postgres, shutdown_timeout, tables)"
+        f"(known: {', '.join(sorted(Settings.model_fields))})"
     )
+    assert "log_format" in Settings.model_fields
 
 
 def test_environment_typo_in_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,7 +246,21 @@ def test_environment_invalid_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    "name", ["CDC_BRIDGE_TEST_ANYTHING", "CDC_BRIDGE_PG_BIN", "CDC_BRIDGE_BENCH_ROWS"]
+    "name",
+    [
+        "CDC_BRIDGE_TEST_ANYTHING",
+        "CDC_BRIDGE_PG_BIN",
+        "CDC_BRIDGE_BENCH_ROWS",
+        # Kubernetes service links for a Service named cdc-bridge:
+        "CDC_BRIDGE_PORT",
+        "CDC_BRIDGE_PORT_9187_TCP",
+        "CDC_BRIDGE_PORT_9187_TCP_ADDR",
+        "CDC_BRIDGE_PORT_9187_TCP_PORT",
+        "CDC_BRIDGE_PORT_9187_TCP_PROTO",
+        "CDC_BRIDGE_SERVICE_HOST",
+        "CDC_BRIDGE_SERVICE_PORT",
+        "CDC_BRIDGE_SERVICE_PORT_METRICS",
+    ],
 )
 def test_non_setting_variables_are_allowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str

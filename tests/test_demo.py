@@ -56,7 +56,7 @@ def test_demo_streams_chat_traffic_and_removes_everything() -> None:
     assert int(received) == 2000 + len(shown)
     assert lines[-1] == "removing the temporary servers and their data ..."
     ports = _ports(output)
-    assert len(ports) == 2
+    assert len(ports) == 3  # PostgreSQL, NATS, the metrics port
     assert all(_refused(port) for port in ports)
 
 
