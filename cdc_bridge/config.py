@@ -14,6 +14,7 @@ silently ignored setting. Errors are turned into one line naming the key and the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -42,7 +44,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from cdc_bridge.errors import ConfigError
+from cdc_bridge.errors import ConfigError, SetupError
 from cdc_bridge.routing import SubjectTemplate, subject_is_covered
 
 __all__ = [
@@ -73,6 +75,19 @@ _NON_SETTING_ENV = re.compile(
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+def _dsn_params(dsn: str) -> dict[str, str]:
+    """The DSN's parameters; ValueError if it is not a valid connection string."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except ProgrammingError:
+        raise ValueError("postgres.dsn is not a valid connection string") from None
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -99,6 +114,73 @@ class PostgresSettings(_Section):
     connect_timeout: float = Field(
         default=10.0, gt=0, description="seconds to wait for a connection (rounded up)"
     )
+    sslmode: SslMode | None = Field(
+        default=None, description="libpq sslmode, applied on top of the DSN; null: the DSN's"
+    )
+    sslrootcert: Path | None = Field(
+        default=None, description="CA file that signed the server's certificate ('system' ok)"
+    )
+    sslcert: Path | None = Field(default=None, description="client certificate file")
+    sslkey: Path | None = Field(default=None, description="client certificate's key file")
+    iam_auth: bool = Field(
+        default=False, description="log in with a fresh AWS RDS IAM token at every connect"
+    )
+    aws_region: str | None = Field(
+        default=None, description="region for iam_auth; default: from an RDS DSN host name"
+    )
+
+    @field_validator("sslrootcert", "sslcert", "sslkey")
+    @classmethod
+    def _existing_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or (info.field_name == "sslrootcert" and str(value) == "system"):
+            return value
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _security(self) -> PostgresSettings:
+        if (self.sslcert is None) != (self.sslkey is None):
+            raise ValueError("set both postgres.sslcert and postgres.sslkey, or neither")
+        if self.iam_auth:
+            self.iam_target()  # raises ValueError naming what is missing
+        return self
+
+    def effective_sslmode(self) -> str | None:
+        """``sslmode``, or the DSN's if it sets one."""
+        if self.sslmode is not None:
+            return self.sslmode
+        return _dsn_params(self.dsn.get_secret_value()).get("sslmode")
+
+    def iam_target(self) -> tuple[str, int, str, str]:
+        """(host, port, user, region) of the IAM token; ValueError if one is unknown."""
+        from cdc_bridge.pgsecurity import rds_region_from_host
+
+        if importlib.util.find_spec("boto3") is None:
+            raise ValueError("iam_auth needs boto3: pip install 'cdc-bridge[aws]'")
+        if self.effective_sslmode() not in ("require", "verify-ca", "verify-full"):
+            raise ValueError(
+                "iam_auth needs postgres.sslmode require, verify-ca or verify-full "
+                "(RDS refuses IAM auth without TLS; verify-full with the RDS CA bundle is best)"
+            )
+        if self.password is not None:
+            raise ValueError("iam_auth and postgres.password exclude each other")
+        params = _dsn_params(self.dsn.get_secret_value())
+        host, user = params.get("host", ""), params.get("user", "")
+        if not host or "," in host or host.startswith("/"):
+            raise ValueError("iam_auth needs one TCP host name in postgres.dsn")
+        if not user:
+            raise ValueError("iam_auth needs the user name in postgres.dsn")
+        try:
+            port = int(params.get("port") or 5432)
+        except ValueError:
+            raise ValueError("iam_auth needs one port number in postgres.dsn") from None
+        region = self.aws_region or rds_region_from_host(host)
+        if not region:
+            raise ValueError(
+                f"iam_auth: set postgres.aws_region ({host!r} is not an RDS host name)"
+            )
+        return host, port, user, region
 
     @field_validator("slot")
     @classmethod
@@ -144,6 +226,64 @@ class NatsSettings(_Section):
     )
     ack_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one PubAck")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for NATS")
+    # Security: at most one way to authenticate (user+password, token, creds file, nkey).
+    user: str | None = Field(default=None, description="user name (with password)")
+    password: SecretStr | None = Field(default=None, description="password of nats.user")
+    token: SecretStr | None = Field(default=None, description="authentication token")
+    creds_file: Path | None = Field(
+        default=None, description="user credentials file (.creds: JWT and NKey seed)"
+    )
+    nkey_seed_file: Path | None = Field(default=None, description="file holding a user NKey seed")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA certificate(s) to verify the server with (PEM)"
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="client certificate for mutual TLS (PEM)"
+    )
+    tls_key_file: Path | None = Field(default=None, description="key of nats.tls_cert_file (PEM)")
+    tls_handshake_first: bool = Field(
+        default=False,
+        description="start TLS before the server's INFO (the server's tls handshake_first)",
+    )
+
+    @field_validator("creds_file", "nkey_seed_file", "tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = value.expanduser()
+        if not path.is_file():
+            raise ValueError(f"no such file: {str(path)!r}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"file {str(path)!r} is not readable by this user")
+        return path
+
+    @model_validator(mode="after")
+    def _security(self) -> NatsSettings:
+        if (self.user is None) != (self.password is None):
+            given, missing = ("user", "password") if self.password is None else ("password", "user")
+            raise ValueError(f"nats.{given} is set but nats.{missing} is not: set both or neither")
+        methods = [
+            name
+            for name, value in (
+                ("user/password", self.user),
+                ("token", self.token),
+                ("creds_file", self.creds_file),
+                ("nkey_seed_file", self.nkey_seed_file),
+            )
+            if value is not None
+        ]
+        if len(methods) > 1:
+            raise ValueError(
+                f"nats.{' and nats.'.join(methods)} are set together: choose one way to "
+                "authenticate"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "nats.tls_cert_file and nats.tls_key_file go together: set both for mutual "
+                "TLS, or neither"
+            )
+        return self
 
     @field_validator("stream")
     @classmethod
@@ -281,13 +421,40 @@ class Settings(BaseSettings):
         return value
 
     def conninfo(self) -> str:
-        """The PostgreSQL connection string, with the separate password applied."""
+        """The PostgreSQL connection string for one connect: the DSN with the separate
+        password and the TLS keys applied, and with ``iam_auth`` a fresh IAM token.
+
+        Every connection goes through here. Raises :class:`SetupError` if no IAM token
+        can be made (no AWS credentials).
+        """
         from psycopg.conninfo import make_conninfo
 
-        dsn = self.postgres.dsn.get_secret_value()
-        if self.postgres.password is None:
+        pg = self.postgres
+        dsn = pg.dsn.get_secret_value()
+        params: dict[str, str] = {}
+        if pg.password is not None:
+            params["password"] = pg.password.get_secret_value()
+        if pg.sslmode is not None:
+            params["sslmode"] = pg.sslmode
+        for key in ("sslrootcert", "sslcert", "sslkey"):
+            value = getattr(pg, key)
+            if value is not None:
+                params[key] = str(value)
+        if pg.iam_auth:
+            from cdc_bridge.pgsecurity import rds_auth_token
+
+            host, port, user, region = pg.iam_target()
+            try:
+                params["password"] = rds_auth_token(host, port, user, region)
+            except Exception as exc:
+                text = " ".join(str(exc).split()) or type(exc).__name__
+                raise SetupError(
+                    f"cannot make an RDS IAM auth token for {user}@{host} in {region}: {text} "
+                    "(check the AWS credentials: environment, IRSA or instance role)"
+                ) from None
+        if not params:
             return dsn
-        return make_conninfo(dsn, password=self.postgres.password.get_secret_value())
+        return make_conninfo(dsn, **params)
 
     @classmethod
     def settings_customise_sources(

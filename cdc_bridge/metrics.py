@@ -51,6 +51,7 @@ from cdc_bridge.pgoutput import (
     Type,
     Update,
 )
+from cdc_bridge.pgsecurity import ConnInfo, resolve_conninfo
 
 __all__ = [
     "MESSAGE_KINDS",
@@ -347,7 +348,7 @@ FROM pg_replication_slots WHERE slot_name = %s
 class SlotCollector(Collector):
     """The replication slot's state, queried at scrape time over a short-lived connection."""
 
-    def __init__(self, conninfo: str, slot: str, *, connect_timeout: float = 2.0) -> None:
+    def __init__(self, conninfo: ConnInfo, slot: str, *, connect_timeout: float = 2.0) -> None:
         self._conninfo = conninfo
         self._slot = slot
         self._connect_timeout = max(1, math.ceil(connect_timeout))
@@ -358,7 +359,7 @@ class SlotCollector(Collector):
     def _query(self) -> tuple[float | None, str | None, float | None, bool] | None:
         try:
             with psycopg.connect(
-                self._conninfo,
+                resolve_conninfo(self._conninfo),
                 autocommit=True,
                 connect_timeout=self._connect_timeout,
                 options="-c statement_timeout=2000",

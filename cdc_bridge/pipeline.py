@@ -114,7 +114,8 @@ async def run_bridge(
         max_in_flight=settings.nats.max_in_flight,
         ready_timeout=settings.metrics.ready_timeout,
     )
-    registry.register(SlotCollector(settings.conninfo(), settings.postgres.slot))
+    # A callable: with postgres.iam_auth every connect needs a fresh token.
+    registry.register(SlotCollector(settings.conninfo, settings.postgres.slot))
     server: HttpServer | None = None
     if settings.metrics.enabled:
         host, port = settings.metrics.host, settings.metrics.port
@@ -155,11 +156,10 @@ async def _run(
 
     # NATS first: a bridge that cannot publish should not create a slot that pins WAL.
     sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
-        settings.nats.url,
+        settings.nats,
         on_ack=on_ack,
         max_in_flight=settings.nats.max_in_flight,
         ack_timeout=settings.nats.ack_timeout,
-        connect_timeout=settings.nats.connect_timeout,
         metrics=metrics,
     )
     metrics.sink = sink
@@ -252,7 +252,7 @@ async def _stream(
     if heartbeat.interval > 0:
         beat = asyncio.create_task(
             run_heartbeat(
-                settings.conninfo(),
+                settings.conninfo,
                 interval=heartbeat.interval,
                 prefix=heartbeat.prefix,
                 slot=settings.postgres.slot,

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from cdc_bridge.errors import SetupError, first_line
 from cdc_bridge.lsn import Lsn, parse_lsn
+from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
 
 __all__ = [
@@ -83,9 +84,9 @@ def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[
             f"postgres.dsn is not a valid connection string: {first_line(exc)}"
         ) from None
     except psycopg.Error as exc:
-        raise SetupError(
-            f"cannot connect to PostgreSQL: {first_line(exc)} (check postgres.dsn)"
-        ) from None
+        reason = first_line(exc)
+        hint = connect_error_hint(reason) or "check postgres.dsn"
+        raise SetupError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
 
 
 def connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:

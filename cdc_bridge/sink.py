@@ -22,15 +22,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from cdc_bridge.config import NatsSettings
 from cdc_bridge.errors import PublishError, SetupError, SinkError, first_line
 from cdc_bridge.metrics import BridgeMetrics, PublishErrorReason
+from cdc_bridge.nats_connection import open_connection, redacted_url
 from cdc_bridge.routing import subject_is_covered
 
 __all__ = ["JetStreamSink", "StreamSpec"]
@@ -93,49 +94,27 @@ class JetStreamSink(Generic[Ticket]):
     @classmethod
     async def connect(
         cls,
-        url: str,
+        settings: NatsSettings,
         *,
         on_ack: Callable[[Ticket, bool], None],
         max_in_flight: int,
         ack_timeout: float,
-        connect_timeout: float,
         name: str = "cdc-bridge",
         metrics: BridgeMetrics | None = None,
     ) -> JetStreamSink[Ticket]:
+        """Connect with ``settings`` (URL, timeout, authentication, TLS); no reconnects."""
         sinks: list[JetStreamSink[Ticket]] = []
+        url = redacted_url(settings.url)
 
         async def closed() -> None:
             for sink in sinks:
                 sink._fail(SinkError(f"connection to NATS at {url} was lost"), "connection")
 
-        last_error: list[BaseException] = []
-
         async def record_error(exc: BaseException) -> None:
-            last_error.append(exc)
             for sink in sinks:  # after connect: e.g. a publish permission violation
                 sink._fail(SinkError(f"NATS reported an error: {first_line(exc)}"), "refused")
 
-        try:
-            # nats-py retries a failed first connect forever whatever the options say,
-            # so the whole attempt gets a deadline of its own.
-            client = await asyncio.wait_for(
-                nats.connect(
-                    servers=[u.strip() for u in url.split(",")],
-                    name=name,
-                    connect_timeout=connect_timeout,
-                    allow_reconnect=False,
-                    max_reconnect_attempts=0,
-                    closed_cb=closed,
-                    error_cb=record_error,
-                ),
-                timeout=connect_timeout + 1,
-            )
-        except Exception as exc:
-            cause: BaseException = last_error[-1] if last_error else exc
-            raise SinkError(
-                f"cannot connect to NATS at {url}: {cause or type(cause).__name__} "
-                "(check nats.url and that nats-server is running)"
-            ) from None
+        client = await open_connection(settings, name=name, closed_cb=closed, error_cb=record_error)
         sink = cls(
             client,
             on_ack=on_ack,

@@ -32,6 +32,7 @@ from cdc_bridge.pgoutput import (
     parse_copy_frame,
     pg_now_micros,
 )
+from cdc_bridge.pgsecurity import connect_error_hint
 
 __all__ = ["SESSION_OPTIONS", "ReplicationSource"]
 
@@ -88,7 +89,11 @@ class ReplicationSource:
                 application_name="cdc-bridge",
             )
         except psycopg.Error as exc:
-            raise SourceError(f"cannot open a replication connection: {first_line(exc)}") from None
+            reason = first_line(exc)
+            hint = connect_error_hint(reason)
+            raise SourceError(
+                f"cannot open a replication connection: {reason}" + (f" ({hint})" if hint else "")
+            ) from None
         command = sql.SQL(
             "START_REPLICATION SLOT {slot} LOGICAL {lsn} "
             "(proto_version '1', publication_names {publications}, messages {messages})"

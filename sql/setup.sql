@@ -40,6 +40,14 @@ CREATE ROLE cdc_bridge WITH LOGIN REPLICATION;
 --     CREATE ROLE cdc_bridge WITH LOGIN;
 --     GRANT rds_replication TO cdc_bridge;
 --
+-- RDS / Aurora with IAM database authentication (postgres.iam_auth: true; the bridge
+-- then logs in with a fresh IAM auth token per connection, never with a password; the
+-- instance needs IAM DB authentication enabled and the bridge's AWS role the
+-- rds-db:connect permission for this user, see docs/operations.md):
+--     CREATE ROLE cdc_bridge WITH LOGIN;
+--     GRANT rds_iam TO cdc_bridge;
+--     GRANT rds_replication TO cdc_bridge;
+--
 -- Password: set it interactively so it stays out of files and shell history,
 --     \password cdc_bridge
 -- in psql, and give it to the bridge as a secret file (postgres__password) or

@@ -76,8 +76,9 @@ def _objects(dsn: str) -> tuple[bool, bool]:
 
 async def _stream_exists(url: str, name: str) -> bool:
     from cdc_bridge.admin import jetstream
+    from cdc_bridge.config import NatsSettings
 
-    nc = await jetstream.connect(url, 5)
+    nc = await jetstream.connect(NatsSettings(url=url))
     try:
         return await jetstream.stream_info(nc, name) is not None
     finally:

@@ -28,6 +28,24 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
 #: ``*`` stands for any table name. Every other key shown in the example has its default.
 DELIBERATE_OVERRIDES = frozenset({"postgres.dsn", "nats.stream", "tables.*.subject"})
 
+#: Keys whose value must name an existing file (checked when the settings load).
+EXISTING_FILE_KEYS = frozenset(
+    {
+        "postgres.sslrootcert",
+        "postgres.sslcert",
+        "postgres.sslkey",
+        "nats.creds_file",
+        "nats.nkey_seed_file",
+        "nats.tls_ca_file",
+        "nats.tls_cert_file",
+        "nats.tls_key_file",
+    }
+)
+
+#: NATS authentication keys shown commented out of which only one may be set at a time
+#: (besides user/password, the first).
+NATS_AUTH_ALTERNATIVES = (("user", "password"), ("token",), ("creds_file",), ("nkey_seed_file",))
+
 # A commented-out key: "# name: value" at the key's own indentation. Prose comments
 # must not start with a setting's name followed by ':'.
 _COMMENTED_KEY = re.compile(r"^(?P<indent> *)# (?P<name>[A-Za-z_][A-Za-z0-9_]*):(?P<rest> .*)?$")
@@ -176,9 +194,26 @@ def test_example_loads() -> None:
 def test_commented_out_examples_are_valid(tmp_path: Path, example_text: str) -> None:
     uncommented = _uncomment(example_text, _field_names(Settings))
     assert uncommented != example_text, "the optional keys should be shown commented out"
-    path = tmp_path / "uncommented.yaml"
-    path.write_text(uncommented, encoding="utf-8")
-    load_settings(path)
+    # Keys naming files must name existing ones: the example's paths exist only where
+    # the bridge is deployed, so they are swapped for files made here.
+    data = yaml.safe_load(uncommented)
+    for key in EXISTING_FILE_KEYS:
+        section, name = key.split(".")
+        if name in data.get(section, {}):
+            stand_in = tmp_path / f"{section}_{name}.pem"
+            stand_in.write_text("stand-in\n", encoding="utf-8")
+            data[section][name] = str(stand_in)
+    # Each way to authenticate to NATS on its own: they exclude each other.
+    for keep in NATS_AUTH_ALTERNATIVES:
+        assert all(key in data["nats"] for key in keep), f"nats.{keep} not shown"
+        variant = {**data, "nats": dict(data["nats"])}
+        for other in NATS_AUTH_ALTERNATIVES:
+            if other != keep:
+                for key in other:
+                    del variant["nats"][key]
+        path = tmp_path / "uncommented.yaml"
+        path.write_text(yaml.safe_dump(variant), encoding="utf-8")
+        load_settings(path)
 
 
 def test_every_key_is_documented(example_text: str) -> None:
@@ -263,11 +298,11 @@ def test_a_value_other_than_the_default_is_caught(example_text: str) -> None:
 
 def test_a_required_key_must_be_a_deliberate_override() -> None:
     class _WithRequired(NatsSettings):
-        token: str
+        required_knob: str
 
     class _Root(BaseModel):
         nats: _WithRequired
 
-    assert _not_default(_Root, "nats:\n  token: abc\n") == [
-        f"nats.token: 'abc' (default {PydanticUndefined!r})"
+    assert _not_default(_Root, "nats:\n  required_knob: abc\n") == [
+        f"nats.required_knob: 'abc' (default {PydanticUndefined!r})"
     ]

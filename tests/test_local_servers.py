@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 
 import nats as nats_client
@@ -118,6 +120,24 @@ def test_postgres_settings_and_cleanup() -> None:
     assert server.process is not None
     assert server.process.returncode is not None  # exited and reaped
     server.cleanup()  # idempotent
+
+
+def test_postgres_files_are_private_to_the_server_user() -> None:
+    hba = b"local all all trust\nhost all all 127.0.0.1/32 trust\n# replaced by the test\n"
+    server = start_postgres(files={"pg_hba.conf": hba, "extra.txt": b"secret"})
+    try:
+        owner = os.stat(server.data_dir / "postgresql.conf").st_uid  # the server's OS user
+        for name, content in (("pg_hba.conf", hba), ("extra.txt", b"secret")):
+            path = server.data_dir / name
+            assert path.read_bytes() == content
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert path.stat().st_uid == owner
+        rows = _scalar(server.dsn(), "SELECT count(*)::text FROM pg_hba_file_rules")
+        assert rows == "2"  # the server reads our pg_hba.conf
+    finally:
+        server.cleanup()
+    with pytest.raises(ValueError, match="plain file name"):
+        start_postgres(files={"../escape": b""})
 
 
 def test_postgres_startup_failure_reports_log() -> None:

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NatsClient
 from cdc_bridge.admin import database, jetstream
 from cdc_bridge.config import Settings
 from cdc_bridge.errors import CdcBridgeError, first_line
+from cdc_bridge.nats_connection import redacted_url
 from cdc_bridge.pipeline import stream_spec, table_requests
 from cdc_bridge.provisioning import MIN_SERVER_VERSION, check_table, connect, quote_ident
 from cdc_bridge.routing import subject_is_covered
@@ -261,12 +262,17 @@ def _slot_check(settings: Settings, slot: database.SlotInfo | None) -> Check:
 async def nats_checks(settings: Settings) -> list[Check]:
     cfg = settings.nats
     try:
-        nc = await jetstream.connect(cfg.url, cfg.connect_timeout)
+        nc = await jetstream.connect(cfg)
     except CdcBridgeError as exc:
-        return [_fail("nats.connect", str(exc), "check nats.url and that nats-server runs")]
+        return [_fail("nats.connect", str(exc), "check the nats.* settings named above")]
     try:
         checks = [
-            _ok("nats.connect", f"{nc.connected_url.netloc if nc.connected_url else cfg.url}"),
+            _ok(
+                "nats.connect",
+                f"{nc.connected_url.hostname}:{nc.connected_url.port}"
+                if nc.connected_url
+                else redacted_url(cfg.url),
+            ),
             _ok(
                 "nats.max_payload", f"{nc.max_payload} bytes (largest message the bridge can send)"
             ),

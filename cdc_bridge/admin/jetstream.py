@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import NotFoundError
 
-from cdc_bridge.errors import SetupError, SinkError
+from cdc_bridge.config import NatsSettings
+from cdc_bridge.errors import SetupError
+from cdc_bridge.nats_connection import open_connection
 
 __all__ = [
     "LastMessage",
@@ -42,32 +43,9 @@ class LastMessage:
     data: bytes
 
 
-async def connect(url: str, timeout: float) -> NatsClient:  # noqa: ASYNC109 - bounded connect
+async def connect(settings: NatsSettings) -> NatsClient:
     """Connect once (no reconnects); :class:`SinkError` with the reason on failure."""
-    errors: list[BaseException] = []
-
-    async def record(exc: BaseException) -> None:
-        errors.append(exc)
-
-    try:
-        # nats-py retries a failed first connect forever: the deadline is ours.
-        return await asyncio.wait_for(
-            nats.connect(
-                servers=[u.strip() for u in url.split(",")],
-                name="cdc-bridge-admin",
-                connect_timeout=timeout,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                error_cb=record,
-            ),
-            timeout=timeout + 1,
-        )
-    except Exception as exc:
-        cause: BaseException = errors[-1] if errors else exc
-        raise SinkError(
-            f"cannot connect to NATS at {url}: {cause or type(cause).__name__} "
-            "(check nats.url and that nats-server is running)"
-        ) from None
+    return await open_connection(settings, name="cdc-bridge-admin")
 
 
 async def close(nc: NatsClient) -> None:

@@ -39,17 +39,16 @@ async def run_setup(settings: Settings) -> int:
         connect_timeout=pg.connect_timeout,
     )
     spec = replace(stream_spec(settings), create=True)
-    nc = await jetstream.connect(settings.nats.url, settings.nats.connect_timeout)
+    nc = await jetstream.connect(settings.nats)
     try:
         existed = await jetstream.stream_info(nc, spec.name) is not None
     finally:
         await jetstream.close(nc)
     sink: JetStreamSink[None] = await JetStreamSink.connect(
-        settings.nats.url,
+        settings.nats,
         on_ack=lambda ticket, duplicate: None,
         max_in_flight=1,
         ack_timeout=settings.nats.ack_timeout,
-        connect_timeout=settings.nats.connect_timeout,
         name="cdc-bridge-setup",
     )
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import PurePath
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -19,6 +20,7 @@ import orjson
 import yaml
 
 from cdc_bridge.config import ENV_PREFIX, SECRETS_DIR_ENV, Settings
+from cdc_bridge.nats_connection import redacted_url
 
 __all__ = ["mask_dsn", "masked_settings", "run_show"]
 
@@ -53,6 +55,8 @@ def masked_settings(settings: Settings) -> dict[str, Any]:
     postgres["dsn"] = mask_dsn(settings.postgres.dsn.get_secret_value())
     if settings.postgres.password is not None:
         postgres["password"] = MASK
+    # nats://user:password@host or nats://token@host
+    data["nats"]["url"] = redacted_url(settings.nats.url)
     masked: dict[str, Any] = _plain(data)
     return masked
 
@@ -65,6 +69,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, PurePath):  # a file name, not its contents
+        return str(value)
     # SecretStr and anything unexpected: never print it as is.
     return MASK
 

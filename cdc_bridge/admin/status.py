@@ -32,7 +32,7 @@ def _slot(settings: Settings) -> database.SlotInfo | None:
 
 async def _stream(settings: Settings) -> dict[str, Any]:
     cfg = settings.nats
-    nc = await jetstream.connect(cfg.url, cfg.connect_timeout)
+    nc = await jetstream.connect(cfg)
     try:
         info = await jetstream.stream_info(nc, cfg.stream)
         if info is None:

@@ -70,7 +70,7 @@ async def run_tail(
     verbose: bool,
 ) -> int:
     cfg = settings.nats
-    nc = await jetstream.connect(cfg.url, cfg.connect_timeout)
+    nc = await jetstream.connect(cfg)
     try:
         info = await jetstream.stream_info(nc, cfg.stream)
         if info is None:

@@ -37,7 +37,7 @@ def _drop(settings: Settings, slot: bool) -> bool:
 
 
 async def _delete_stream(settings: Settings) -> bool:
-    nc = await jetstream.connect(settings.nats.url, settings.nats.connect_timeout)
+    nc = await jetstream.connect(settings.nats)
     try:
         return await jetstream.delete_stream(nc, settings.nats.stream)
     finally:

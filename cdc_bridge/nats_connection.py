@@ -1,0 +1,188 @@
+"""Opening a connection to NATS with the configured security, for every part of the bridge.
+
+:func:`connect_options` turns :class:`~cdc_bridge.config.NatsSettings` into the keyword
+arguments of ``nats.connect`` (user/password, token, .creds file, NKey seed, TLS);
+:func:`open_connection` connects once, with a deadline, and turns whatever nats-py or
+``ssl`` raised into one :class:`SinkError` line that names the setting to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from cdc_bridge.config import NatsSettings
+from cdc_bridge.errors import SinkError, first_line
+
+__all__ = ["connect_options", "open_connection", "redacted_url", "tls_context"]
+
+ErrorCallback = Callable[[BaseException], Awaitable[None]]
+Callback = Callable[[], Awaitable[None]]
+
+
+def redacted_url(url: str) -> str:
+    """``url`` (comma separated URLs) with any password in them replaced by ``***``."""
+    parts = []
+    for one in url.split(","):
+        one = one.strip()
+        try:
+            split = urlsplit(one)
+        except ValueError:
+            parts.append(one)
+            continue
+        if split.password is None and split.username is None:
+            parts.append(one)
+            continue
+        host = split.netloc.rsplit("@", 1)[-1]
+        user = "***" if split.password is None else f"{split.username or ''}:***"
+        parts.append(urlunsplit(split._replace(netloc=f"{user}@{host}")))
+    return ",".join(parts)
+
+
+def tls_context(cfg: NatsSettings) -> ssl.SSLContext | None:
+    """The TLS context for the configured CA / client certificate, or None (defaults)."""
+    if cfg.tls_ca_file is None and cfg.tls_cert_file is None and not cfg.tls_handshake_first:
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise SinkError(
+            f"cannot read nats.tls_ca_file {str(cfg.tls_ca_file)!r}: {first_line(exc)} "
+            "(it must hold PEM certificates)"
+        ) from None
+    if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
+        try:
+            context.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise SinkError(
+                f"cannot load nats.tls_cert_file {str(cfg.tls_cert_file)!r} with "
+                f"nats.tls_key_file {str(cfg.tls_key_file)!r}: {first_line(exc)} "
+                "(both must be PEM, the key unencrypted and matching the certificate)"
+            ) from None
+    return context
+
+
+def connect_options(cfg: NatsSettings) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect``: servers, timeout, authentication and TLS."""
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in cfg.url.split(",")],
+        "connect_timeout": cfg.connect_timeout,
+    }
+    if cfg.user is not None and cfg.password is not None:
+        options["user"] = cfg.user
+        options["password"] = cfg.password.get_secret_value()
+    if cfg.token is not None:
+        options["token"] = cfg.token.get_secret_value()
+    if cfg.creds_file is not None:
+        options["user_credentials"] = str(cfg.creds_file)
+    if cfg.nkey_seed_file is not None:
+        options["nkeys_seed"] = str(cfg.nkey_seed_file)
+    context = tls_context(cfg)
+    if context is not None:
+        options["tls"] = context
+    if cfg.tls_handshake_first:
+        options["tls_handshake_first"] = True
+    return options
+
+
+def _auth_hint(cfg: NatsSettings) -> str:
+    if cfg.user is not None:
+        return "check nats.user and nats.password"
+    if cfg.token is not None:
+        return "check nats.token"
+    if cfg.creds_file is not None:
+        return "check nats.creds_file"
+    if cfg.nkey_seed_file is not None:
+        return "check nats.nkey_seed_file and that the server knows its public key"
+    return (
+        "the server requires authentication: set nats.user and nats.password, nats.token, "
+        "nats.creds_file or nats.nkey_seed_file"
+    )
+
+
+def describe_error(cfg: NatsSettings, exc: BaseException) -> str:
+    """One line: what went wrong connecting, and which setting to check."""
+    where = f"cannot connect to NATS at {redacted_url(cfg.url)}"
+    text = first_line(exc)
+    lowered = text.lower()
+    if "authorization violation" in lowered or "authentication" in lowered:
+        return f"{where}: authorization violation ({_auth_hint(cfg)})"
+    if type(exc).__module__.split(".")[0] == "nkeys":
+        key = "nats.creds_file" if cfg.creds_file is not None else "nats.nkey_seed_file"
+        return f"{where}: {text} (check {key}: it must hold a user NKey seed, SU...)"
+    if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in lowered:
+        reason = getattr(exc, "verify_message", None) or "certificate verify failed"
+        return (
+            f"{where}: TLS certificate verify failed: {reason} "
+            "(check nats.tls_ca_file, and that the server's certificate names this host)"
+        )
+    if isinstance(exc, ssl.SSLError) or "ssl" in lowered or "tls" in lowered:
+        hint = (
+            "the server may require a client certificate: set nats.tls_cert_file and "
+            "nats.tls_key_file"
+            if cfg.tls_cert_file is None
+            else "check nats.tls_cert_file, nats.tls_key_file and nats.tls_ca_file"
+        )
+        return f"{where}: TLS failed: {text} ({hint})"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | ssl.SSLEOFError):
+        # With TLS 1.3 a server that wants a client certificate (tls { verify: true })
+        # and does not like ours (or gets none) drops the connection after the handshake.
+        hint = (
+            "the server may require a TLS client certificate: set nats.tls_cert_file and "
+            "nats.tls_key_file; else check nats.url and that nats-server is running"
+            if cfg.tls_cert_file is None
+            else "check that the server trusts the CA of nats.tls_cert_file"
+        )
+        return f"{where}: connection reset by the server ({hint})"
+    if isinstance(exc, TimeoutError):
+        hint = (
+            "check nats.url and that nats-server is running; if its tls block sets "
+            "handshake_first, set nats.tls_handshake_first: true"
+            if not cfg.tls_handshake_first
+            else "check nats.url and that nats-server is running"
+        )
+        return f"{where}: timed out ({hint})"
+    return f"{where}: {text} (check nats.url and that nats-server is running)"
+
+
+async def open_connection(
+    cfg: NatsSettings,
+    *,
+    name: str,
+    closed_cb: Callback | None = None,
+    error_cb: ErrorCallback | None = None,
+) -> NatsClient:
+    """Connect once (no reconnects); :class:`SinkError` with a one-line reason on failure."""
+    options = connect_options(cfg)
+    errors: list[BaseException] = []
+
+    async def record(exc: BaseException) -> None:
+        errors.append(exc)
+        if error_cb is not None:
+            await error_cb(exc)
+
+    try:
+        # nats-py retries a failed first connect forever whatever the options say,
+        # so the whole attempt gets a deadline of its own.
+        return await asyncio.wait_for(
+            nats.connect(
+                name=name,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=record,
+                closed_cb=closed_cb,
+                **options,
+            ),
+            timeout=cfg.connect_timeout + 1,
+        )
+    except Exception as exc:
+        cause: BaseException = errors[-1] if errors else exc
+        raise SinkError(describe_error(cfg, cause)) from None
