@@ -267,6 +267,7 @@ async def _stream(
         settings.postgres.slot,
         format_lsn(checkpointer.confirmed_lsn),
         settings.nats.stream,
+        extra={"lsn": format_lsn(checkpointer.confirmed_lsn), "stream": settings.nats.stream},
     )
     error: BaseException | None = None
     try:
@@ -312,6 +313,7 @@ async def _stream(
         stats.changes,
         stats.transactions,
         format_lsn(checkpointer.confirmed_lsn),
+        extra={"lsn": format_lsn(checkpointer.confirmed_lsn)},
     )
     if error is not None:
         raise error
@@ -362,6 +364,10 @@ async def _read(
                             "skipping changes of %s: it is in the publication but not in "
                             "tables: (renamed, or added to the publication by hand?)",
                             event.table.qualified_name,
+                            extra={
+                                "table": event.table.qualified_name,
+                                "lsn": format_lsn(event.lsn),
+                            },
                         )
                     continue
                 if ticket is None:

@@ -356,7 +356,7 @@ def _ensure_slot(
             "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
         ).fetchone()
         assert created is not None
-        log.info("created replication slot %s at %s", slot, created[0])
+        log.info("created replication slot %s at %s", slot, created[0], extra={"lsn": created[0]})
         return parse_lsn(str(created[0])), True
     plugin, database, confirmed, wal_status, current = row
     if plugin != "pgoutput":

@@ -174,7 +174,12 @@ class JetStreamSink(Generic[Ticket]):
                 await js.add_stream(config)
             except Exception as exc:
                 raise SetupError(f"cannot create stream {spec.name!r}: {exc}") from None
-            log.info("created stream %s for subjects %s", spec.name, ", ".join(spec.subjects))
+            log.info(
+                "created stream %s for subjects %s",
+                spec.name,
+                ", ".join(spec.subjects),
+                extra={"stream": spec.name},
+            )
             return
         existing = info.config.subjects or []
         missing = [s for s in spec.subjects if not subject_is_covered(s, existing)]

@@ -114,7 +114,12 @@ class ReplicationSource:
             await _close_quietly(conn)
             raise SourceError(f"START_REPLICATION on slot {slot!r} did not enter COPY mode")
         conn.pgconn.nonblocking = 1
-        log.info("replication started on slot %s from %s", slot, format_lsn(start_lsn))
+        log.info(
+            "replication started on slot %s from %s",
+            slot,
+            format_lsn(start_lsn),
+            extra={"lsn": format_lsn(start_lsn)},
+        )
         return cls(conn, slot, metrics)
 
     @property

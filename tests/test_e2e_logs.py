@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,12 @@ def test_password_in_dsn_never_appears_in_output(
     assert len(streaming) == 1
     assert streaming[0]["slot"] == "cdc_bridge"
     assert streaming[0]["level"] == "INFO"
+    # LSN (and stream) travel as fields too, not only inside the message text.
+    assert streaming[0]["message"].endswith(
+        f"from {streaming[0]['lsn']} to stream {streaming[0]['stream']}"
+    )
+    started = [r for r in records if r["message"].startswith("replication started")]
+    assert started[0]["lsn"] == streaming[0]["lsn"]
 
     # A failure: the final line stays plain text, still without the password.
     broken = write_config(
@@ -128,4 +135,5 @@ def test_log_format_text_is_plain(
     lines = [line for line in bridge.log_text().splitlines() if "streaming slot" in line]
     assert len(lines) == 1
     assert " INFO cdc_bridge.pipeline: streaming slot cdc_bridge from " in lines[0]
-    assert lines[0].endswith("[slot=cdc_bridge]")
+    context = r" \[slot=cdc_bridge lsn=[0-9A-F]+/[0-9A-F]+ stream=\S+\]$"
+    assert re.search(context, lines[0]), lines[0]
