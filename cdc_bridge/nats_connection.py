@@ -132,16 +132,19 @@ def describe_error(cfg: NatsSettings, exc: BaseException) -> str:
             else "check nats.tls_cert_file, nats.tls_key_file and nats.tls_ca_file"
         )
         return f"{where}: TLS failed: {text} ({hint})"
-    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | ssl.SSLEOFError):
+    if isinstance(
+        exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError | ssl.SSLEOFError
+    ):
         # With TLS 1.3 a server that wants a client certificate (tls { verify: true })
-        # and does not like ours (or gets none) drops the connection after the handshake.
+        # and does not like ours (or gets none) drops the connection after the handshake;
+        # depending on timing the client sees a reset or, while writing, a broken pipe.
         hint = (
             "the server may require a TLS client certificate: set nats.tls_cert_file and "
             "nats.tls_key_file; else check nats.url and that nats-server is running"
             if cfg.tls_cert_file is None
             else "check that the server trusts the CA of nats.tls_cert_file"
         )
-        return f"{where}: connection reset by the server ({hint})"
+        return f"{where}: connection closed by the server ({hint})"
     if isinstance(exc, TimeoutError):
         hint = (
             "check nats.url and that nats-server is running; if its tls block sets "
