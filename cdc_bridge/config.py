@@ -108,6 +108,10 @@ class PostgresSettings(_Section):
         default=True,
         description="create the publication and the slot at start if they do not exist",
     )
+    recreate_slot: bool = Field(
+        default=False,
+        description="create a new slot even though the stream holds changes of a dropped one",
+    )
     status_interval: float = Field(
         default=10.0, gt=0, description="seconds between standby status updates"
     )
@@ -224,7 +228,30 @@ class NatsSettings(_Section):
     max_in_flight: int = Field(
         default=2048, ge=1, description="published messages awaiting their PubAck at most"
     )
+    max_in_flight_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="bytes of published messages awaiting their PubAck at most",
+    )
     ack_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one PubAck")
+    atomic_batches: bool = Field(
+        default=True,
+        description="publish each transaction as one atomic batch when server and stream allow",
+    )
+    atomic_batch_size: int = Field(
+        default=1000,
+        ge=2,
+        le=100_000,
+        description="messages per atomic batch at most (the server's limit; 1000 by default)",
+    )
+    oversized: Literal["fail", "dead-letter"] = Field(
+        default="fail",
+        description="a message over max_payload: stop with an error, or publish a marker",
+    )
+    dead_letter_subject: str = Field(
+        default="cdc.dead_letter",
+        description="where oversized: dead-letter publishes its markers",
+    )
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for NATS")
     # Security: at most one way to authenticate (user+password, token, creds file, nkey).
     user: str | None = Field(default=None, description="user name (with password)")
@@ -290,6 +317,13 @@ class NatsSettings(_Section):
     def _stream_name(cls, value: str) -> str:
         if not value or any(c in value for c in " \t.*>/\\"):
             raise ValueError("a stream name may not be empty or contain spaces, '.', '*', '>', '/'")
+        return value
+
+    @field_validator("dead_letter_subject")
+    @classmethod
+    def _dead_letter_subject(cls, value: str) -> str:
+        if SubjectTemplate(value).placeholders:  # also raises ValueError on a bad subject
+            raise ValueError("use a plain subject here, without {placeholders}")
         return value
 
     @field_validator("subjects")
@@ -366,6 +400,22 @@ class HeartbeatSettings(_Section):
     )
 
 
+class ReconnectSettings(_Section):
+    """Reconnecting after a lost connection to PostgreSQL or NATS."""
+
+    initial_delay: float = Field(
+        default=0.5, gt=0, description="seconds before the first reconnect attempt"
+    )
+    max_delay: float = Field(
+        default=30.0, gt=0, description="seconds between attempts at most (doubling, jittered)"
+    )
+    standby_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="seconds between attempts to take over a slot another process streams from",
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration of one bridge process."""
 
@@ -382,6 +432,7 @@ class Settings(BaseSettings):
     messages: LogicalMessageSettings = LogicalMessageSettings()
     metrics: MetricsSettings = MetricsSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    reconnect: ReconnectSettings = ReconnectSettings()
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
     )
@@ -402,6 +453,8 @@ class Settings(BaseSettings):
             templates["messages.subject"] = self.messages.subject
         if self.heartbeat.publish:
             templates["heartbeat.publish"] = HEARTBEAT_SUBJECT
+        if self.nats.oversized == "dead-letter":
+            templates["nats.dead_letter_subject"] = self.nats.dead_letter_subject
         for key, template in templates.items():
             wanted = SubjectTemplate(template).stream_filter
             if not subject_is_covered(wanted, self.nats.subjects):

@@ -6,15 +6,15 @@ this tree at the edge of the module that talks to them, so the rest of the code 
 imports a driver just to catch its exceptions.
 """
 
-from typing import ClassVar
-
 __all__ = [
     "CdcBridgeError",
     "ConfigError",
+    "ConnectError",
     "DecodeError",
     "PublishError",
     "SetupError",
     "SinkError",
+    "SlotBusyError",
     "SourceError",
     "first_line",
 ]
@@ -23,7 +23,8 @@ __all__ = [
 class CdcBridgeError(Exception):
     """Root of every error the bridge raises on purpose."""
 
-    retriable: ClassVar[bool] = False
+    #: Whether a new attempt (reconnect, restart from the slot) may succeed.
+    retriable: bool = False
 
 
 class ConfigError(CdcBridgeError):
@@ -38,10 +39,20 @@ class SetupError(CdcBridgeError):
     """The database or the stream is not in a state the bridge can work with."""
 
 
+class ConnectError(SetupError):
+    """A server could not be reached or refused the login; it may come back."""
+
+    retriable = True
+
+
 class SourceError(CdcBridgeError):
     """The replication connection to PostgreSQL failed."""
 
     retriable = True
+
+
+class SlotBusyError(SourceError):
+    """Another process streams from the slot (SQLSTATE 55006); this one stands by."""
 
 
 class SinkError(CdcBridgeError):
@@ -53,9 +64,12 @@ class SinkError(CdcBridgeError):
 class PublishError(SinkError):
     """JetStream refused a message or did not acknowledge it in time."""
 
-    def __init__(self, message: str, *, subject: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, subject: str | None = None, retriable: bool = False
+    ) -> None:
         super().__init__(message)
         self.subject = subject
+        self.retriable = retriable
 
 
 def first_line(exc: BaseException) -> str:

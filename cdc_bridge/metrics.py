@@ -136,6 +136,9 @@ class _Sink(_Connected, Protocol):
     @property
     def in_flight(self) -> int: ...
 
+    @property
+    def in_flight_bytes(self) -> int: ...
+
 
 class _Checkpoint(Protocol):
     @property
@@ -168,6 +171,8 @@ class BridgeMetrics:
         self.reconnects: dict[str, int] = dict.fromkeys(RECONNECT_TARGETS, 0)
         self.heartbeats = 0
         self.heartbeat_failures = 0
+        self.already_published = 0  # messages skipped: the stream held them (read-back)
+        self.dead_letters = 0
         # Histograms.
         self.publish_duration = LightHistogram(PUBLISH_BUCKETS)
         self.commit_to_ack = LightHistogram(COMMIT_TO_ACK_BUCKETS)
@@ -179,6 +184,7 @@ class BridgeMetrics:
         self.source: _Connected | None = None
         self.sink: _Sink | None = None
         self.checkpoint: _Checkpoint | None = None
+        self.standby_reason: str | None = None  # set while waiting for a busy slot
         if registry is not None:
             registry.register(BridgeCollector(self))
 
@@ -194,6 +200,8 @@ class BridgeMetrics:
 
     def readiness_problem(self, now: float | None = None) -> str | None:
         """None when ready; else one line saying why not (for ``/readyz``)."""
+        if self.standby_reason is not None:
+            return self.standby_reason
         if self.source is None or not self.source.connected:
             return "the replication stream from PostgreSQL is not open"
         if self.sink is None or not self.sink.connected:
@@ -285,7 +293,8 @@ class BridgeCollector(Collector):
         )
         yield m.commit_to_ack.family(
             "cdc_bridge_commit_to_ack_seconds",
-            "from a change's commit in PostgreSQL (its commit_ts) to its PubAck",
+            "from a change's commit in PostgreSQL (its commit_ts) to its PubAck (one per "
+            "message, or per atomic batch)",
         )
         caught_up = max(m.acked_commit_time, m.caught_up_time)
         if caught_up:
@@ -311,6 +320,26 @@ class BridgeCollector(Collector):
             "cdc_bridge_in_flight_messages",
             "published messages awaiting their PubAck",
             sink.in_flight if sink is not None else 0,
+        )
+        yield _gauge(
+            "cdc_bridge_in_flight_bytes",
+            "bytes of published messages awaiting their PubAck",
+            sink.in_flight_bytes if sink is not None else 0,
+        )
+        yield _counter(
+            "cdc_bridge_already_published_messages",
+            "messages not re-sent after a restart or reconnect: the stream already held them",
+            m.already_published,
+        )
+        yield _counter(
+            "cdc_bridge_dead_letters",
+            "oversized messages replaced by a marker on nats.dead_letter_subject",
+            m.dead_letters,
+        )
+        yield _gauge(
+            "cdc_bridge_standby",
+            "1 while waiting for the slot another process streams from",
+            1 if m.standby_reason is not None else 0,
         )
         yield _gauge(
             "cdc_bridge_in_flight_capacity",

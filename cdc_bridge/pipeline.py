@@ -6,6 +6,14 @@ the checkpointer; the status task sends the checkpointer's confirmed LSN to Post
 a timer and soon after it moves. The only thing that talks back to PostgreSQL is that
 confirmed LSN.
 
+A *session* is one pass of: connect to NATS, check the database, ensure stream,
+publication and slot, take the slot (standing by while another process holds it), read
+back the last message this slot stored in the stream, then stream. When a connection is
+lost after streaming has started, the session ends and a new one starts after a capped,
+jittered backoff: WAL is re-read from the slot's confirmed position, and every change at
+or before the read-back position is skipped, so nothing is lost and nothing duplicated.
+Errors in the first session, and errors no retry can fix, end the bridge instead.
+
 Shutdown (SIGTERM/SIGINT → ``stop``): stop reading, wait for in-flight PubAcks (bounded
 by ``shutdown_timeout``), send a final status update, return.
 """
@@ -15,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 
 import orjson
 from prometheus_client import CollectorRegistry
 
+from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import (
     Change,
     ChangeAssembler,
@@ -28,18 +38,33 @@ from cdc_bridge.changes import (
     TransactionEnd,
 )
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
-from cdc_bridge.config import HEARTBEAT_SUBJECT, Settings
-from cdc_bridge.errors import DecodeError, SetupError
+from cdc_bridge.config import HEARTBEAT_SUBJECT, ReconnectSettings, Settings
+from cdc_bridge.errors import (
+    CdcBridgeError,
+    ConnectError,
+    DecodeError,
+    PublishError,
+    SetupError,
+    SlotBusyError,
+    SourceError,
+)
 from cdc_bridge.heartbeat import run_heartbeat
 from cdc_bridge.http_server import HttpServer
 from cdc_bridge.logs import bind_log_context
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.metrics import BridgeMetrics, SlotCollector
 from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS, PrimaryKeepalive, Relation, decode_message
-from cdc_bridge.provisioning import DatabaseState, TableRequest, check_database, ensure_replication
-from cdc_bridge.router import Router
+from cdc_bridge.provisioning import (
+    DatabaseState,
+    TableRequest,
+    check_database,
+    ensure_replication,
+    slot_confirmed_lsn,
+)
+from cdc_bridge.readback import Position, is_stored, last_published, position_of
+from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
 from cdc_bridge.routing import SubjectTemplate
-from cdc_bridge.sink import JetStreamSink, StreamSpec, stream_subjects
+from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink, StreamSpec, stream_subjects
 from cdc_bridge.source import ReplicationSource
 
 __all__ = ["BridgeStats", "run_bridge", "stream_spec"]
@@ -65,17 +90,21 @@ class BridgeStats:
     metrics_port: int | None = None  # where /metrics listens, once it does
 
 
+def own_subjects(settings: Settings) -> tuple[str, ...]:
+    """Subject filters covering every message this bridge may publish."""
+    filters = [SubjectTemplate(t.subject).stream_filter for t in settings.tables.values()]
+    if settings.messages.publish:
+        filters.append(SubjectTemplate(settings.messages.subject).stream_filter)
+    if settings.heartbeat.publish:
+        filters.append(HEARTBEAT_SUBJECT)
+    if settings.nats.oversized == "dead-letter":
+        filters.append(settings.nats.dead_letter_subject)
+    return stream_subjects(filters)
+
+
 def stream_spec(settings: Settings) -> StreamSpec:
     nats = settings.nats
-    if nats.subjects:
-        subjects = tuple(nats.subjects)
-    else:
-        filters = [SubjectTemplate(t.subject).stream_filter for t in settings.tables.values()]
-        if settings.messages.publish:
-            filters.append(SubjectTemplate(settings.messages.subject).stream_filter)
-        if settings.heartbeat.publish:
-            filters.append(HEARTBEAT_SUBJECT)
-        subjects = stream_subjects(filters)
+    subjects = tuple(nats.subjects) if nats.subjects else own_subjects(settings)
     return StreamSpec(
         name=nats.stream,
         subjects=subjects,
@@ -138,274 +167,500 @@ async def run_bridge(
             await server.close()
 
 
+class Backoff:
+    """Capped exponential backoff with full jitter: a fleet restarting together spreads out."""
+
+    def __init__(self, settings: ReconnectSettings, rng: random.Random | None = None) -> None:
+        self._initial = settings.initial_delay
+        self._max = settings.max_delay
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._max, self._initial * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 60)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+
 async def _run(
     settings: Settings, stop: asyncio.Event, stats: BridgeStats, metrics: BridgeMetrics
 ) -> None:
-    pg = settings.postgres
-    bind_log_context(slot=pg.slot)  # on every record of this task and the tasks it starts
-    progress = asyncio.Event()
-    checkpointer: Checkpointer | None = None
+    bind_log_context(slot=settings.postgres.slot)  # on every record of this task and its tasks
+    backoff = Backoff(settings.reconnect)
+    streamed = False  # a session once got as far as streaming
+    while True:
+        session = _Session(settings, stop, stats, metrics)
+        started = time.monotonic()
+        try:
+            await session.run()
+            return
+        except CdcBridgeError as exc:
+            streamed = streamed or session.streaming
+            # Before the first stream, an error is most likely a setup problem: say so
+            # and exit. Afterwards, lost connections are retried.
+            if not exc.retriable or not streamed:
+                raise
+            error = exc
+        if time.monotonic() - started > settings.reconnect.max_delay:
+            backoff.reset()  # that session ran well: start the backoff over
+        target = "postgres" if isinstance(error, SourceError | ConnectError) else "nats"
+        metrics.reconnects[target] += 1
+        delay = backoff.next_delay()
+        log.warning("%s; reconnecting in %.1fs", error, delay)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        if stop.is_set():
+            return
 
-    def on_ack(ticket: TransactionTicket, duplicate: bool) -> None:
-        assert checkpointer is not None
-        checkpointer.acked(ticket)
+
+class _Session:
+    """One connection to each server, from connect to the end of streaming."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: asyncio.Event,
+        stats: BridgeStats,
+        metrics: BridgeMetrics,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.stats = stats
+        self.metrics = metrics
+        self.streaming = False
+        self.progress = asyncio.Event()
+        self.checkpointer: Checkpointer | None = None
+
+    def _on_ack(self, ticket: TransactionTicket, duplicate: bool) -> None:
+        assert self.checkpointer is not None
+        self.checkpointer.acked(ticket)
         commit_time = ticket.commit_time
         if commit_time:
-            metrics.acked_commit_time = commit_time
-            metrics.commit_to_ack.observe(time.time() - commit_time)
+            self.metrics.acked_commit_time = commit_time
+            self.metrics.commit_to_ack.observe(time.time() - commit_time)
 
-    # NATS first: a bridge that cannot publish should not create a slot that pins WAL.
-    sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
-        settings.nats,
-        on_ack=on_ack,
-        max_in_flight=settings.nats.max_in_flight,
-        ack_timeout=settings.nats.ack_timeout,
-        metrics=metrics,
-    )
-    metrics.sink = sink
-    try:
-        # Check everything before creating anything (stream, publication, slot).
-        state: DatabaseState = await asyncio.to_thread(
-            check_database,
-            settings.conninfo(),
-            tables=table_requests(settings),
-            connect_timeout=pg.connect_timeout,
-        )
-        await sink.ensure_stream(stream_spec(settings))
-        confirmed, _ = await asyncio.to_thread(
-            ensure_replication,
-            settings.conninfo(),
-            state,
-            slot=pg.slot,
-            publication=pg.publication,
-            create_if_missing=pg.create_if_missing,
-            connect_timeout=pg.connect_timeout,
-        )
-        checkpointer = Checkpointer(confirmed, on_advance=progress.set)
-        metrics.checkpoint = checkpointer
-        source = await ReplicationSource.open(
-            settings.conninfo(),
-            slot=pg.slot,
-            publication=pg.publication,
-            start_lsn=confirmed,
-            connect_timeout=pg.connect_timeout,
+    async def run(self) -> None:
+        settings, metrics = self.settings, self.metrics
+        pg, nats = settings.postgres, settings.nats
+        # NATS first: a bridge that cannot publish should not create a slot that pins WAL.
+        sink: JetStreamSink[TransactionTicket] = await JetStreamSink.connect(
+            nats,
+            on_ack=self._on_ack,
+            max_in_flight=nats.max_in_flight,
+            max_in_flight_bytes=nats.max_in_flight_bytes,
+            ack_timeout=nats.ack_timeout,
             metrics=metrics,
         )
-        metrics.source = source
-        metrics.last_progress = time.monotonic()
+        metrics.sink = sink
         try:
-            await _stream(
-                settings, state, source, sink, checkpointer, progress, stop, stats, metrics
+            # Check everything before creating anything (stream, publication, slot).
+            state: DatabaseState = await asyncio.to_thread(
+                check_database,
+                settings.conninfo(),
+                tables=table_requests(settings),
+                connect_timeout=pg.connect_timeout,
             )
+            spec = stream_spec(settings)
+            await sink.ensure_stream(spec, atomic_batches=nats.atomic_batches)
+            subjects = own_subjects(settings)
+
+            async def stored(subject: str, headers: dict[str, str]) -> bool:
+                position = position_of(headers.get("Nats-Msg-Id", ""), pg.slot)
+                return position is not None and await is_stored(
+                    sink.client, spec.name, subject, position, pg.slot
+                )
+
+            sink.is_stored = stored
+            # Before the slot is ours this is only a hint (another bridge may be
+            # publishing), good enough to refuse recreating a dropped slot.
+            hint = await last_published(sink.client, spec.name, subjects, pg.slot)
+            confirmed, _ = await asyncio.to_thread(
+                ensure_replication,
+                settings.conninfo(),
+                state,
+                slot=pg.slot,
+                publication=pg.publication,
+                create_if_missing=pg.create_if_missing,
+                connect_timeout=pg.connect_timeout,
+                stream_position=hint,
+                recreate_slot=pg.recreate_slot,
+            )
+            opened = await self._take_slot(confirmed)
+            if opened is None:
+                return  # stopped while standing by
+            source, start = opened
+            metrics.source = source
+            metrics.last_progress = time.monotonic()
+            try:
+                # The slot is ours: nobody else publishes for it now.
+                stored_up_to = await last_published(sink.client, spec.name, subjects, pg.slot)
+                if stored_up_to is not None and stored_up_to.lsn >= start:
+                    log.info(
+                        "the stream already holds changes up to %s, past the slot's "
+                        "confirmed %s (stopped before confirming them): not re-sending those",
+                        stored_up_to,
+                        format_lsn(start),
+                        extra={"lsn": format_lsn(start)},
+                    )
+                self.checkpointer = Checkpointer(start, on_advance=self.progress.set)
+                metrics.checkpoint = self.checkpointer
+                self.streaming = True
+                await self._stream(state, source, sink, self.checkpointer, stored_up_to)
+            finally:
+                await source.close()
         finally:
-            await source.close()
-    finally:
-        await sink.close()
+            metrics.standby_reason = None
+            await sink.close()
 
+    async def _take_slot(self, confirmed: int) -> tuple[ReplicationSource, int] | None:
+        """Open the replication stream; while another process has the slot, stand by."""
+        settings, metrics = self.settings, self.metrics
+        pg = settings.postgres
+        interval = settings.reconnect.standby_interval
+        waited = False
+        while True:
+            try:
+                source = await ReplicationSource.open(
+                    settings.conninfo(),
+                    slot=pg.slot,
+                    publication=pg.publication,
+                    start_lsn=0 if waited else confirmed,  # 0: the slot's own position
+                    connect_timeout=pg.connect_timeout,
+                    metrics=metrics,
+                )
+            except SlotBusyError as exc:
+                if not waited:
+                    log.warning("standing by: %s; trying again every %gs", exc, interval)
+                waited = True
+                metrics.standby_reason = f"standing by: {exc}"
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self.stop.wait()
+                if self.stop.is_set():
+                    return None
+                continue
+            metrics.standby_reason = None
+            break
+        if waited:
+            # The other process moved the slot on while we waited.
+            try:
+                confirmed = await asyncio.to_thread(
+                    slot_confirmed_lsn,
+                    settings.conninfo(),
+                    pg.slot,
+                    connect_timeout=pg.connect_timeout,
+                )
+            except BaseException:
+                await source.close()
+                raise
+            log.info("took over slot %s at %s", pg.slot, format_lsn(confirmed))
+        return source, confirmed
 
-async def _stream(
-    settings: Settings,
-    state: DatabaseState,
-    source: ReplicationSource,
-    sink: JetStreamSink[TransactionTicket],
-    checkpointer: Checkpointer,
-    progress: asyncio.Event,
-    stop: asyncio.Event,
-    stats: BridgeStats,
-    metrics: BridgeMetrics,
-) -> None:
-    heartbeat = settings.heartbeat
-    heartbeat_router = (
-        Router(slot=settings.postgres.slot, table_subjects={}, message_subject=HEARTBEAT_SUBJECT)
-        if heartbeat.publish
-        else None
-    )
-    router = Router(
-        slot=settings.postgres.slot,
-        table_subjects={name: t.subject for name, t in settings.tables.items()},
-        message_subject=settings.messages.subject if settings.messages.publish else None,
-    )
-    assembler = ChangeAssembler(key_columns=state.key_columns)
-    reader = asyncio.create_task(
-        _read(
-            source,
+    async def _stream(
+        self,
+        state: DatabaseState,
+        source: ReplicationSource,
+        sink: JetStreamSink[TransactionTicket],
+        checkpointer: Checkpointer,
+        stored_up_to: Position | None,
+    ) -> None:
+        settings, stats, metrics, stop = self.settings, self.stats, self.metrics, self.stop
+        heartbeat = settings.heartbeat
+        slot = settings.postgres.slot
+        heartbeat_router = (
+            Router(slot=slot, table_subjects={}, message_subject=HEARTBEAT_SUBJECT)
+            if heartbeat.publish
+            else None
+        )
+        router = Router(
+            slot=slot,
+            table_subjects={name: t.subject for name, t in settings.tables.items()},
+            message_subject=settings.messages.subject if settings.messages.publish else None,
+        )
+        nats = settings.nats
+        publisher = TransactionPublisher(
             sink,
             checkpointer,
-            assembler,
-            router,
-            stats,
-            metrics,
-            heartbeat.prefix,
-            heartbeat_router,
-            settings.postgres.slot,
-        ),
-        name="wal-reader",
-    )
-    status = asyncio.create_task(
-        _send_status(source, checkpointer, progress, settings.postgres.status_interval),
-        name="standby-status",
-    )
-    failure = asyncio.create_task(sink.wait_failed(), name="sink-failure")
-    stopped = asyncio.create_task(stop.wait(), name="stop")
-    # Never ends by itself, and its failures are only warnings: not waited on below.
-    beat: asyncio.Task[None] | None = None
-    if heartbeat.interval > 0:
-        beat = asyncio.create_task(
-            run_heartbeat(
-                settings.conninfo,
-                interval=heartbeat.interval,
-                prefix=heartbeat.prefix,
-                slot=settings.postgres.slot,
-                metrics=metrics,
-                connect_timeout=settings.postgres.connect_timeout,
-            ),
-            name="heartbeat",
+            atomic=sink.atomic_batches,
+            # Half the window at most, so that a batch can always be completed.
+            batch_size=min(nats.atomic_batch_size, max(2, nats.max_in_flight // 2)),
+            batch_bytes=max(1, nats.max_in_flight_bytes // 2),
         )
-    stats.ready.set()
-    log.info(
-        "streaming slot %s from %s to stream %s",
-        settings.postgres.slot,
-        format_lsn(checkpointer.confirmed_lsn),
-        settings.nats.stream,
-        extra={"lsn": format_lsn(checkpointer.confirmed_lsn), "stream": settings.nats.stream},
-    )
-    error: BaseException | None = None
-    try:
-        done, _ = await asyncio.wait(
-            {reader, status, failure, stopped}, return_when=asyncio.FIRST_COMPLETED
+        reader = asyncio.create_task(
+            _Reader(
+                settings,
+                source,
+                sink,
+                checkpointer,
+                publisher,
+                ChangeAssembler(key_columns=state.key_columns),
+                router,
+                heartbeat_router,
+                stats,
+                metrics,
+                stored_up_to,
+            ).run(),
+            name="wal-reader",
         )
-        for task in (reader, status, failure):
-            if task in done and error is None:
-                error = task.exception() or RuntimeError(f"{task.get_name()} ended")
-        # No more WAL; let what is in flight be acked, so that it can be confirmed. After
-        # a failure only briefly: the acks may never come.
-        reader.cancel()
-        # The reader's own failure, if any, is already in `error`.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
-        timeout = (
-            settings.shutdown_timeout if error is None else min(5.0, settings.shutdown_timeout)
+        status = asyncio.create_task(
+            _send_status(source, checkpointer, self.progress, settings.postgres.status_interval),
+            name="standby-status",
         )
-        if not await sink.drain(timeout):
-            log.warning(
-                "stopping with %d messages unacknowledged; they will be re-sent from the "
-                "slot at the next start",
-                sink.in_flight,
+        failure = asyncio.create_task(sink.wait_failed(), name="sink-failure")
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        # Never ends by itself, and its failures are only warnings: not waited on below.
+        beat: asyncio.Task[None] | None = None
+        if heartbeat.interval > 0:
+            beat = asyncio.create_task(
+                run_heartbeat(
+                    settings.conninfo,
+                    interval=heartbeat.interval,
+                    prefix=heartbeat.prefix,
+                    slot=slot,
+                    metrics=metrics,
+                    connect_timeout=settings.postgres.connect_timeout,
+                ),
+                name="heartbeat",
             )
-    finally:
-        tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
-        if beat is not None:
-            tasks.append(beat)  # type: ignore[arg-type]
-        for pending in tasks:
-            pending.cancel()
-        for pending in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pending
-        # Also after a failure: confirm what was acked, so a restart re-sends no more.
+        stats.ready.set()
+        log.info(
+            "streaming slot %s from %s to stream %s",
+            slot,
+            format_lsn(checkpointer.confirmed_lsn),
+            settings.nats.stream,
+            extra={"lsn": format_lsn(checkpointer.confirmed_lsn), "stream": settings.nats.stream},
+        )
+        error: BaseException | None = None
         try:
-            await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
-            if not await source.finish():
-                log.warning("PostgreSQL did not acknowledge the end of the stream in time")
-        except Exception as exc:
-            log.warning("could not send the final status update: %s", exc)
-    log.info(
-        "stopped: %d changes in %d transactions published, confirmed up to %s",
-        stats.changes,
-        stats.transactions,
-        format_lsn(checkpointer.confirmed_lsn),
-        extra={"lsn": format_lsn(checkpointer.confirmed_lsn)},
-    )
-    if error is not None:
-        raise error
-
-
-async def _read(
-    source: ReplicationSource,
-    sink: JetStreamSink[TransactionTicket],
-    checkpointer: Checkpointer,
-    assembler: ChangeAssembler,
-    router: Router,
-    stats: BridgeStats,
-    metrics: BridgeMetrics,
-    heartbeat_prefix: str,
-    heartbeat_router: Router | None,
-    slot: str,
-) -> None:
-    ticket: TransactionTicket | None = None
-    unrouted: set[int] = set()  # relations already warned about
-    kinds = metrics.pgoutput_messages
-    table_ops: dict[int, dict[str, int]] = {}  # relation OID → its op counters
-    monotonic = time.monotonic
-    while True:
-        frame = await source.read_frame()
-        metrics.last_progress = monotonic()
-        if type(frame) is PrimaryKeepalive:
-            metrics.server_wal_end = frame.wal_end
-            checkpointer.keepalive(frame.wal_end)
-            if checkpointer.idle:
-                metrics.caught_up_time = frame.send_time / 1e6 + _PG_EPOCH_UNIX
-            if frame.reply_requested:
+            done, _ = await asyncio.wait(
+                {reader, status, failure, stopped}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (reader, status, failure):
+                if task in done and error is None:
+                    error = task.exception() or RuntimeError(f"{task.get_name()} ended")
+            # No more WAL; let what is in flight be acked, so that it can be confirmed.
+            # After a failure only briefly: the acks may never come.
+            reader.cancel()
+            # The reader's own failure, if any, is already in `error`.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            timeout = (
+                settings.shutdown_timeout if error is None else min(5.0, settings.shutdown_timeout)
+            )
+            if not await sink.drain(timeout):
+                log.warning(
+                    "stopping with %d messages unacknowledged; they will be re-sent from the "
+                    "slot at the next start",
+                    sink.in_flight,
+                )
+        finally:
+            tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
+            if beat is not None:
+                tasks.append(beat)  # type: ignore[arg-type]
+            for pending in tasks:
+                pending.cancel()
+            for pending in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+            # Also after a failure: confirm what was acked, so a restart re-sends no more.
+            try:
                 await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
-            continue
-        message = decode_message(frame.payload)  # type: ignore[union-attr]
-        kinds[type(message)] += 1
-        if type(message) is Relation:
-            router.forget_table(message.oid)
-            unrouted.discard(message.oid)
-            table_ops.pop(message.oid, None)  # its name may have changed
-        for event in assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
-            if isinstance(event, Change):
-                outgoing = router.route_change(event)
-                if outgoing is None:
-                    metrics.skipped_changes += 1
-                    if event.table.oid not in unrouted:
-                        unrouted.add(event.table.oid)
-                        log.warning(
-                            "skipping changes of %s: it is in the publication but not in "
-                            "tables: (renamed, or added to the publication by hand?)",
-                            event.table.qualified_name,
-                            extra={
-                                "table": event.table.qualified_name,
-                                "lsn": format_lsn(event.lsn),
-                            },
-                        )
-                    continue
-                if ticket is None:
-                    raise DecodeError("row change outside a transaction")
-                checkpointer.published(ticket)
-                await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, ticket)
-                stats.changes += 1
-                ops = table_ops.get(event.table.oid)
-                if ops is None:
-                    ops = table_ops[event.table.oid] = metrics.table_ops(event.table.qualified_name)
-                ops[event.op] += 1
-            elif isinstance(event, TransactionBegin):
-                ticket = checkpointer.begin()
-                ticket.commit_time = event.commit_ts / 1e6 + _PG_EPOCH_UNIX
-            elif isinstance(event, TransactionEnd):
-                if ticket is None:
-                    raise DecodeError("Commit without Begin")
-                checkpointer.commit(ticket, event.end_lsn)
-                ticket = None
-                stats.transactions += 1
-                metrics.transactions += 1
-            else:
-                if event.prefix == heartbeat_prefix:
-                    # Ours are published only with heartbeat.publish; others' never.
-                    outgoing = (
-                        heartbeat_router.route_message(event)
-                        if heartbeat_router is not None and _is_own_heartbeat(event.content, slot)
-                        else None
-                    )
+                if not await source.finish():
+                    log.warning("PostgreSQL did not acknowledge the end of the stream in time")
+            except Exception as exc:
+                log.warning("could not send the final status update: %s", exc)
+        log.info(
+            "stopped: %d changes in %d transactions published, confirmed up to %s",
+            stats.changes,
+            stats.transactions,
+            format_lsn(checkpointer.confirmed_lsn),
+            extra={"lsn": format_lsn(checkpointer.confirmed_lsn)},
+        )
+        if error is not None:
+            raise error
+
+
+class _Reader:
+    """The hot loop: frame → pgoutput message → events → messages → publishes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: ReplicationSource,
+        sink: JetStreamSink[TransactionTicket],
+        checkpointer: Checkpointer,
+        publisher: TransactionPublisher,
+        assembler: ChangeAssembler,
+        router: Router,
+        heartbeat_router: Router | None,
+        stats: BridgeStats,
+        metrics: BridgeMetrics,
+        stored_up_to: Position | None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.checkpointer = checkpointer
+        self.publisher = publisher
+        self.assembler = assembler
+        self.router = router
+        self.heartbeat_router = heartbeat_router
+        self.stats = stats
+        self.metrics = metrics
+        self.slot = settings.postgres.slot
+        self.heartbeat_prefix = settings.heartbeat.prefix
+        self.dead_letter_subject = (
+            settings.nats.dead_letter_subject if settings.nats.oversized == "dead-letter" else None
+        )
+        # Room the batch headers need, when messages go out in atomic batches.
+        self.size_margin = BATCH_HEADER_BYTES if publisher.atomic else 0
+        # Messages at or before this are in the stream already: not sent again.
+        self.stored_up_to = stored_up_to
+
+    def _already_stored(self, lsn: int, index: int) -> bool:
+        stored = self.stored_up_to
+        if stored is None:
+            return False
+        if Position(lsn, index) <= stored:
+            self.metrics.already_published += 1
+            return True
+        self.stored_up_to = None  # past it: everything from here on is new
+        return False
+
+    def _fit(self, outgoing: OutgoingMessage, table: str | None, key: object) -> OutgoingMessage:
+        """``outgoing``, or its dead-letter marker when it is too large for NATS."""
+        sink = self.sink
+        size = sink.message_size(outgoing.subject, outgoing.body, outgoing.headers)
+        size += self.size_margin
+        if size <= sink.max_payload:
+            return outgoing
+        what = f"{outgoing.headers.get('Cdc-Op', 'message')} of {table or 'a message'}"
+        where = f"key {orjson.dumps(key, default=str).decode()} " if key is not None else ""
+        if self.dead_letter_subject is None:
+            self.metrics.publish_failed("too_large")
+            raise PublishError(
+                f"the {what} {where}at commit {outgoing.headers.get('Cdc-Commit-Lsn')} is "
+                f"{size} bytes, over the NATS server's max_payload of {sink.max_payload}: "
+                "raise max_payload in nats-server, or set nats.oversized: dead-letter",
+                subject=outgoing.subject,
+            )
+        log.warning(
+            "the %s %sis %d bytes, over max_payload %d: publishing a marker to %s instead",
+            what,
+            where,
+            size,
+            sink.max_payload,
+            self.dead_letter_subject,
+            extra={"table": table},
+        )
+        self.metrics.dead_letters += 1
+        return dead_letter_marker(
+            outgoing,
+            subject=self.dead_letter_subject,
+            size=size,
+            max_payload=sink.max_payload,
+            table=table,
+            key=key,
+        )
+
+    async def run(self) -> None:
+        source, sink, checkpointer, publisher = (
+            self.source,
+            self.sink,
+            self.checkpointer,
+            self.publisher,
+        )
+        router, stats, metrics = self.router, self.stats, self.metrics
+        ticket: TransactionTicket | None = None
+        unrouted: set[int] = set()  # relations already warned about
+        kinds = metrics.pgoutput_messages
+        table_ops: dict[int, dict[str, int]] = {}  # relation OID → its op counters
+        monotonic = time.monotonic
+        while True:
+            frame = await source.read_frame()
+            metrics.last_progress = monotonic()
+            if type(frame) is PrimaryKeepalive:
+                metrics.server_wal_end = frame.wal_end
+                checkpointer.keepalive(frame.wal_end)
+                if checkpointer.idle:
+                    metrics.caught_up_time = frame.send_time / 1e6 + _PG_EPOCH_UNIX
+                if frame.reply_requested:
+                    await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+                continue
+            message = decode_message(frame.payload)  # type: ignore[union-attr]
+            kinds[type(message)] += 1
+            if type(message) is Relation:
+                router.forget_table(message.oid)
+                unrouted.discard(message.oid)
+                table_ops.pop(message.oid, None)  # its name may have changed
+            for event in self.assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
+                if isinstance(event, Change):
+                    outgoing = router.route_change(event)
+                    if outgoing is None:
+                        metrics.skipped_changes += 1
+                        if event.table.oid not in unrouted:
+                            unrouted.add(event.table.oid)
+                            log.warning(
+                                "skipping changes of %s: it is in the publication but not in "
+                                "tables: (renamed, or added to the publication by hand?)",
+                                event.table.qualified_name,
+                                extra={
+                                    "table": event.table.qualified_name,
+                                    "lsn": format_lsn(event.lsn),
+                                },
+                            )
+                        continue
+                    if ticket is None:
+                        raise DecodeError("row change outside a transaction")
+                    if self._already_stored(event.commit_lsn, event.index):
+                        continue
+                    table = event.table.qualified_name
+                    outgoing = self._fit(outgoing, table, event.key)
+                    await publisher.add(outgoing, ticket)
+                    stats.changes += 1
+                    ops = table_ops.get(event.table.oid)
+                    if ops is None:
+                        ops = table_ops[event.table.oid] = metrics.table_ops(table)
+                    ops[event.op] += 1
+                elif isinstance(event, TransactionBegin):
+                    ticket = checkpointer.begin()
+                    ticket.commit_time = event.commit_ts / 1e6 + _PG_EPOCH_UNIX
+                elif isinstance(event, TransactionEnd):
+                    if ticket is None:
+                        raise DecodeError("Commit without Begin")
+                    await publisher.end(ticket)
+                    checkpointer.commit(ticket, event.end_lsn)
+                    ticket = None
+                    stats.transactions += 1
+                    metrics.transactions += 1
                 else:
-                    outgoing = router.route_message(event)
-                if outgoing is None:
-                    continue
-                owner = ticket if event.transactional else checkpointer.standalone(event.lsn)
-                if owner is None:
-                    raise DecodeError("transactional message outside a transaction")
-                checkpointer.published(owner)
-                await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
+                    if event.prefix == self.heartbeat_prefix:
+                        # Ours are published only with heartbeat.publish; others' never.
+                        outgoing = (
+                            self.heartbeat_router.route_message(event)
+                            if self.heartbeat_router is not None
+                            and _is_own_heartbeat(event.content, self.slot)
+                            else None
+                        )
+                    else:
+                        outgoing = router.route_message(event)
+                    if outgoing is None:
+                        continue
+                    index = event.index if event.transactional else -1
+                    if self._already_stored(event.commit_lsn, index):
+                        continue
+                    outgoing = self._fit(outgoing, None, None)
+                    if event.transactional:
+                        if ticket is None:
+                            raise DecodeError("transactional message outside a transaction")
+                        await publisher.add(outgoing, ticket)
+                    else:
+                        owner = checkpointer.standalone(event.lsn)
+                        checkpointer.published(owner)
+                        await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
 
 
 async def _send_status(

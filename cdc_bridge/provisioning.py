@@ -15,14 +15,18 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
-from cdc_bridge.errors import SetupError, first_line
-from cdc_bridge.lsn import Lsn, parse_lsn
+from cdc_bridge.errors import ConnectError, SetupError, first_line
+from cdc_bridge.lsn import Lsn, format_lsn, parse_lsn
 from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.routing import BUILTIN_PLACEHOLDERS, SubjectTemplate
+
+if TYPE_CHECKING:
+    from cdc_bridge.readback import Position as StreamPosition
 
 __all__ = [
     "DatabaseState",
@@ -86,7 +90,7 @@ def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[
     except psycopg.Error as exc:
         reason = first_line(exc)
         hint = connect_error_hint(reason) or "check postgres.dsn"
-        raise SetupError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
+        raise ConnectError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
 
 
 def connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
@@ -114,6 +118,8 @@ def _translate_errors(action: str, exc: psycopg.Error) -> SetupError:
             "of the tables, so let the table owner run sql/setup.sql and set "
             "postgres.create_if_missing: false)"
         )
+    if isinstance(exc, psycopg.OperationalError):  # the connection broke: it may come back
+        return ConnectError(f"{action} failed: {first_line(exc)}")
     return SetupError(f"{action} failed: {first_line(exc)}")
 
 
@@ -136,14 +142,59 @@ def ensure_replication(
     publication: str,
     create_if_missing: bool,
     connect_timeout: float = 10.0,
+    stream_position: StreamPosition | None = None,
+    recreate_slot: bool = False,
 ) -> tuple[Lsn, bool]:
-    """Create or check publication and slot; return (confirmed_flush_lsn, slot created)."""
+    """Create or check publication and slot; return (confirmed_flush_lsn, slot created).
+
+    ``stream_position`` is the newest change of this slot already in the stream (None if
+    it holds none). It turns two silent data losses into errors: a missing slot whose
+    changes the stream already holds (a new slot would start after a gap, unless
+    ``recreate_slot``), and a stream ahead of the database's own WAL (another database,
+    or one restored from a backup, behind the same slot name).
+    """
     with _connect(conninfo, connect_timeout) as conn:
         try:
             _ensure_publication(conn, publication, list(state.tables.values()), create_if_missing)
-            return _ensure_slot(conn, slot, create_if_missing)
+            exists = _scalar_param(
+                conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot
+            )
+            if not exists and stream_position is not None and not recreate_slot:
+                raise SetupError(
+                    f"replication slot {slot!r} does not exist, but the stream already holds "
+                    f"its changes up to {stream_position}: the slot was dropped and the "
+                    "changes since then are lost to it. Set postgres.recreate_slot: true to "
+                    "start a new slot anyway (then backfill the tables), or restore the slot"
+                )
+            confirmed, created = _ensure_slot(conn, slot, create_if_missing)
+            if stream_position is not None and not created:
+                current = parse_lsn(str(_scalar(conn, "SELECT pg_current_wal_lsn()::text")))
+                if stream_position.lsn > current:
+                    raise SetupError(
+                        f"the stream holds changes of slot {slot!r} up to {stream_position}, "
+                        f"beyond this database's WAL ({format_lsn(current)}): it is another "
+                        "database, or one restored from a backup, under the same slot name. "
+                        "Use another postgres.slot or nats.stream"
+                    )
+            return confirmed, created
         except psycopg.Error as exc:
             raise _translate_errors("setting up replication", exc) from None
+
+
+def slot_confirmed_lsn(conninfo: str, slot: str, *, connect_timeout: float = 10.0) -> Lsn:
+    """The slot's confirmed_flush_lsn now."""
+    with _connect(conninfo, connect_timeout) as conn:
+        try:
+            value = _scalar_param(
+                conn,
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                slot,
+            )
+        except psycopg.Error as exc:
+            raise _translate_errors("reading the slot position", exc) from None
+    if value is None:
+        raise SetupError(f"replication slot {slot!r} does not exist (any more)")
+    return parse_lsn(str(value))
 
 
 def _check(
@@ -375,6 +426,13 @@ def _ensure_slot(
             "was removed and changes were lost; drop and recreate the slot, then re-snapshot"
         )
     return parse_lsn(str(confirmed)), False
+
+
+def _scalar_param(
+    conn: psycopg.Connection[tuple[object, ...]], query: str, param: object
+) -> object:
+    row = conn.execute(query, (param,)).fetchone()
+    return None if row is None else row[0]
 
 
 def _scalar(conn: psycopg.Connection[tuple[object, ...]], query: str) -> object:

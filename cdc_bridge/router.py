@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import orjson
+
 from cdc_bridge.changes import Change, MessageEvent, TableInfo
 from cdc_bridge.envelope import encode_change, encode_message, transaction_strings
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.routing import SubjectTemplate
 
-__all__ = ["OutgoingMessage", "Router"]
+__all__ = ["OutgoingMessage", "Router", "dead_letter_marker"]
 
 _OPS = ("insert", "update", "delete", "truncate")
 
@@ -104,3 +106,33 @@ class Router:
         }
         subject = self._message_template.render({"prefix": message.prefix})
         return OutgoingMessage(subject, headers, encode_message(message, self._slot))
+
+
+def dead_letter_marker(
+    original: OutgoingMessage,
+    *,
+    subject: str,
+    size: int,
+    max_payload: int,
+    table: str | None,
+    key: object,
+) -> OutgoingMessage:
+    """A small stand-in for a message too large for NATS (``nats.oversized: dead-letter``).
+
+    It keeps the original's ``Nats-Msg-Id`` and position headers, so de-duplication and
+    the read-back treat it exactly like the message it replaces.
+    """
+    headers = {**original.headers, "Cdc-Dead-Letter": "oversized"}
+    body = {
+        "reason": "oversized",
+        "subject": original.subject,
+        "size": size,
+        "max_payload": max_payload,
+        "table": table,
+        "op": original.headers.get("Cdc-Op"),
+        "key": key,
+        "commit_lsn": original.headers.get("Cdc-Commit-Lsn"),
+        "index": original.headers.get("Cdc-Index"),
+        "msg_id": original.headers.get("Nats-Msg-Id"),
+    }
+    return OutgoingMessage(subject, headers, orjson.dumps(body, default=str))

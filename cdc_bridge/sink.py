@@ -2,11 +2,19 @@
 
 Publishing is pipelined: each message goes out with its own reply subject under one
 wildcard inbox, and the PubAck comes back asynchronously. Up to ``max_in_flight``
-messages may await their PubAck; past that, ``publish`` waits, which stops the pipeline
-from reading more WAL (backpressure). A PubAck resolves its message's ticket through the
-``on_ack`` callback given at construction, in whatever order acks arrive; an error reply
-or a missing PubAck (``ack_timeout``) fails the sink, and nothing after the failure is
-confirmed to PostgreSQL.
+messages and ``max_in_flight_bytes`` bytes may await their PubAck; past that,
+``publish`` waits, which stops the pipeline from reading more WAL (backpressure, and
+bounded memory). A PubAck resolves its message's ticket through the ``on_ack`` callback
+given at construction, in whatever order acks arrive; an error reply or a missing PubAck
+(``ack_timeout``) fails the sink, and nothing after the failure is confirmed to
+PostgreSQL.
+
+Atomic batches (ADR-50): ``open_batch`` reserves one of the stream's in-flight batches,
+``publish_batch_member`` sends a message without a reply subject (the server answers
+only the commit), and the commit is an ordinary ``publish`` that also carries the
+members' size, so the window is released when the whole batch is acked. A re-sent batch
+that JetStream rejects as containing a duplicate message id (10201) counts as acked only
+once ``is_stored`` confirms that its last message is in the stream.
 
 nats-py's ``publish_async`` is not used: its futures have no timeout, so a PubAck lost
 in a server restart would hang the bridge forever.
@@ -18,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -59,11 +67,32 @@ class StreamSpec:
     duplicate_window: float = 120.0
 
 
+#: JetStream allows 50 atomic batches in flight per stream; stay below, leaving room.
+MAX_OPEN_BATCHES = 40
+#: Bytes the batch headers add to a message at most (id, sequence, commit).
+BATCH_HEADER_BYTES = 128
+#: JetStream error codes after which a new attempt may succeed.
+_RETRIABLE_CODES = frozenset(
+    {
+        10176,  # atomic batch incomplete (abandoned while we were stalled)
+        10210,  # too many atomic batches in flight
+    }
+)
+_DUPLICATE_IN_BATCH = 10201
+
+
 @dataclass(slots=True)
 class _Pending(Generic[Ticket]):
     ticket: Ticket
     deadline: float
     subject: str
+    messages: int  # this message plus, for a batch commit, the members before it
+    size: int  # their bytes
+    batch: bool
+    headers: dict[str, str]
+
+
+StoredCheck = Callable[[str, dict[str, str]], Awaitable[bool]]
 
 
 class JetStreamSink(Generic[Ticket]):
@@ -74,19 +103,31 @@ class JetStreamSink(Generic[Ticket]):
         on_ack: Callable[[Ticket, bool], None],
         max_in_flight: int,
         ack_timeout: float,
+        max_in_flight_bytes: int = 64 * 1024 * 1024,
         metrics: BridgeMetrics | None = None,
     ) -> None:
         self._nc = client
         self._metrics = metrics or BridgeMetrics(max_in_flight=max_in_flight)
         self._on_ack = on_ack
         self._ack_timeout = ack_timeout
-        self._window = asyncio.Semaphore(max_in_flight)
+        self._max_messages = max_in_flight
+        self._max_bytes = max_in_flight_bytes
+        self._messages = 0  # sent and not yet acked, batch members included
+        self._bytes = 0
+        self._open_batches = 0
+        self._room = asyncio.Event()  # set whenever an ack frees window space
         self._pending: dict[str, _Pending[Ticket]] = {}
+        #: Set by the owner to verify a batch rejected as a duplicate (10201).
+        self.is_stored: StoredCheck | None = None
+        #: Whether transactions go out as atomic batches (decided by ensure_stream).
+        self.atomic_batches = False
         self._next_id = 0
         self._inbox = client.new_inbox() + "."
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._all_acked = asyncio.Event()
         self._all_acked.set()
+        self._verifications: set[asyncio.Task[None]] = set()
+        self._blocked_since: float | None = None  # while a write to NATS waits
         self._subscription: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
@@ -99,6 +140,7 @@ class JetStreamSink(Generic[Ticket]):
         on_ack: Callable[[Ticket, bool], None],
         max_in_flight: int,
         ack_timeout: float,
+        max_in_flight_bytes: int = 64 * 1024 * 1024,
         name: str = "cdc-bridge",
         metrics: BridgeMetrics | None = None,
     ) -> JetStreamSink[Ticket]:
@@ -120,6 +162,7 @@ class JetStreamSink(Generic[Ticket]):
             on_ack=on_ack,
             max_in_flight=max_in_flight,
             ack_timeout=ack_timeout,
+            max_in_flight_bytes=max_in_flight_bytes,
             metrics=metrics,
         )
         sinks.append(sink)
@@ -129,7 +172,25 @@ class JetStreamSink(Generic[Ticket]):
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return self._messages
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (told at connect), headers included."""
+        return int(self._nc.max_payload)
+
+    @property
+    def server_version(self) -> tuple[int, int]:
+        version = self._nc.connected_server_version
+        return (version.major, version.minor)
+
+    @property
+    def client(self) -> NatsClient:
+        return self._nc
 
     @property
     def connected(self) -> bool:
@@ -143,8 +204,13 @@ class JetStreamSink(Generic[Ticket]):
     def duplicates(self) -> int:
         return self._metrics.duplicates
 
-    async def ensure_stream(self, spec: StreamSpec) -> None:
-        """Create the stream, or check that the existing one captures our subjects."""
+    async def ensure_stream(self, spec: StreamSpec, *, atomic_batches: bool = False) -> None:
+        """Create the stream, or check that the existing one captures our subjects.
+
+        With ``atomic_batches``, a stream created here allows them when the server does
+        (2.12 or newer); :attr:`atomic_batches` says whether they will be used.
+        """
+        server_atomic = self.server_version >= (2, 12)
         js = self._nc.jetstream()
         try:
             info = await js.stream_info(spec.name)
@@ -169,6 +235,7 @@ class JetStreamSink(Generic[Ticket]):
                 max_age=spec.max_age or None,
                 max_bytes=spec.max_bytes,
                 duplicate_window=spec.duplicate_window,
+                allow_atomic=True if atomic_batches and server_atomic else None,
             )
             try:
                 await js.add_stream(config)
@@ -180,6 +247,8 @@ class JetStreamSink(Generic[Ticket]):
                 ", ".join(spec.subjects),
                 extra={"stream": spec.name},
             )
+            self.atomic_batches = atomic_batches and server_atomic
+            self._log_batch_mode(spec.name, atomic_batches, server_atomic, allowed=True)
             return
         existing = info.config.subjects or []
         missing = [s for s in spec.subjects if not subject_is_covered(s, existing)]
@@ -188,12 +257,36 @@ class JetStreamSink(Generic[Ticket]):
                 f"stream {spec.name!r} captures {existing} but not {missing}: add those "
                 "subjects to the stream, or change the table subject templates"
             )
+        allowed = bool(info.config.allow_atomic)
+        self.atomic_batches = atomic_batches and server_atomic and allowed
+        self._log_batch_mode(spec.name, atomic_batches, server_atomic, allowed)
 
-    async def publish(
-        self, subject: str, body: bytes, headers: dict[str, str], ticket: Ticket
-    ) -> None:
-        """Send one message; returns once it is written, not when it is acked."""
-        self.raise_if_failed()
+    def _log_batch_mode(self, stream: str, wanted: bool, server: bool, allowed: bool) -> None:
+        if not wanted:
+            log.info("atomic batches are off (nats.atomic_batches): one message at a time")
+        elif not server:
+            version = ".".join(map(str, self.server_version))
+            log.warning(
+                "nats-server %s has no atomic batches (2.12+): a transaction's messages "
+                "are published one by one, so consumers may see part of one for a moment",
+                version,
+            )
+        elif not allowed:
+            log.warning(
+                "stream %s does not allow atomic batches: transactions are published "
+                "message by message (enable with `nats stream edit %s --allow-batch`, "
+                "or allow_atomic in the stream config)",
+                stream,
+                stream,
+            )
+        else:
+            log.info("publishing each transaction as an atomic batch")
+
+    def message_size(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """Bytes the server counts against max_payload (body plus headers), estimated up."""
+        return len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
+
+    def _check_subject(self, subject: str) -> None:
         if len(subject) > MAX_SUBJECT_BYTES and len(subject.encode()) > MAX_SUBJECT_BYTES:
             # nats-server would drop the connection (its protocol line is 4 KB at most).
             self._metrics.publish_failed("too_large")
@@ -203,22 +296,95 @@ class JetStreamSink(Generic[Ticket]):
                 "with shorter values",
                 subject=subject[:60],
             )
-        size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 14
+
+    def _check_size(self, subject: str, size: int) -> None:
         if size > self._nc.max_payload:
             # Raised before anything is sent; the slot stays at the change before it.
             self._metrics.publish_failed("too_large")
             raise PublishError(
                 f"the message for {subject} is {size} bytes, over the NATS server's "
                 f"max_payload of {self._nc.max_payload} bytes: raise max_payload in the "
-                "nats-server configuration",
+                "nats-server configuration, or set nats.oversized: dead-letter",
                 subject=subject,
             )
-        await self._window.acquire()
+
+    async def _wait_for_room(self, size: int) -> None:
+        # Something in flight must make room; a message larger than the byte window
+        # alone still goes out once the window is empty.
+        while self._messages and (
+            self._messages >= self._max_messages or self._bytes + size > self._max_bytes
+        ):
+            self._room.clear()
+            await self._room.wait()
+            self.raise_if_failed()
+
+    async def open_batch(self) -> None:
+        """Reserve one of the stream's in-flight atomic batches (wait for one if needed)."""
+        while self._open_batches >= MAX_OPEN_BATCHES:
+            self._room.clear()
+            await self._room.wait()
+            self.raise_if_failed()
+        self._open_batches += 1
+
+    async def publish_batch_member(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """Send one message of an open batch (no reply); return its size for the commit."""
+        self.raise_if_failed()
+        self._check_subject(subject)
+        size = self.message_size(subject, body, headers)
+        self._check_size(subject, size)
+        await self._wait_for_room(size)
+        self.raise_if_failed()
+        self._messages += 1
+        self._bytes += size
+        self._blocked_since = time.monotonic()
+        try:
+            await self._nc.publish(subject, body, headers=headers)
+        except Exception as exc:
+            self._fail(
+                SinkError(f"publish to {subject} failed: {exc or type(exc).__name__}"),
+                "connection",
+            )
+            self.raise_if_failed()
+        finally:
+            self._blocked_since = None
+        self._metrics.published += 1
+        return size
+
+    async def publish(
+        self,
+        subject: str,
+        body: bytes,
+        headers: dict[str, str],
+        ticket: Ticket,
+        *,
+        batch: tuple[int, int] | None = None,
+    ) -> None:
+        """Send one message; returns once it is written, not when it is acked.
+
+        ``batch`` is (members, bytes) of the batch this message commits.
+        """
+        self.raise_if_failed()
+        self._check_subject(subject)
+        size = self.message_size(subject, body, headers)
+        self._check_size(subject, size)
+        await self._wait_for_room(size)
         self.raise_if_failed()
         self._next_id += 1
         token = str(self._next_id)
-        self._pending[token] = _Pending(ticket, time.monotonic() + self._ack_timeout, subject)
+        members, member_bytes = batch or (0, 0)
+        self._pending[token] = _Pending(
+            ticket,
+            time.monotonic() + self._ack_timeout,
+            subject,
+            members + 1,
+            member_bytes + size,
+            batch is not None,
+            headers,
+        )
+        self._messages += 1
+        self._bytes += size
         self._all_acked.clear()
+        self._blocked_since = time.monotonic()
         try:
             await self._nc.publish(subject, body, reply=self._inbox + token, headers=headers)
         except BaseException as exc:
@@ -232,47 +398,94 @@ class JetStreamSink(Generic[Ticket]):
                 )
                 self.raise_if_failed()
             raise
+        finally:
+            self._blocked_since = None
         self._metrics.published += 1
 
-    def _forget(self, token: str) -> None:
-        if self._pending.pop(token, None) is not None:
-            self._window.release()
+    def _forget(self, token: str) -> _Pending[Ticket] | None:
+        pending = self._pending.pop(token, None)
+        if pending is not None:
+            self._messages -= pending.messages
+            self._bytes -= pending.size
+            if pending.batch:
+                self._open_batches -= 1
+            self._room.set()
             if not self._pending:
                 self._all_acked.set()
+        return pending
 
     def _on_reply_sync(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) :]
         pending = self._pending.get(token)
         if pending is None:
             return  # a late ack after a timeout already failed the sink
-        self._forget(token)
         try:
             reply = orjson.loads(msg.data) if msg.data else {}
         except orjson.JSONDecodeError:
             reply = {"error": {"description": f"unreadable PubAck {msg.data[:200]!r}"}}
         error = reply.get("error") if isinstance(reply, dict) else None
+        if isinstance(error, dict) and error.get("err_code") == _DUPLICATE_IN_BATCH:
+            # A re-sent batch: trust it only once its last message is seen in the stream.
+            task = asyncio.create_task(self._verify_duplicate_batch(token, pending))
+            self._verifications.add(task)
+            task.add_done_callback(self._verifications.discard)
+            return
+        self._forget(token)
         if error is not None or not isinstance(reply, dict) or "seq" not in reply:
             status = msg.headers.get("Status") if msg.headers else None
             reason = (error.get("description", error) if isinstance(error, dict) else error) or (
                 f"status {status}" if status else "no PubAck"
             )
+            code = error.get("err_code") if isinstance(error, dict) else None
+            http = error.get("code") if isinstance(error, dict) else None
+            retriable = (
+                status == "503"
+                or code in _RETRIABLE_CODES
+                or (isinstance(http, int) and http >= 500)
+            )
             if status == "503":
-                reason = "no stream captures this subject (503 no responders)"
+                reason = "no stream captures this subject, or JetStream is not ready (503)"
             self._fail(
                 PublishError(
-                    f"JetStream refused {pending.subject}: {reason}", subject=pending.subject
+                    f"JetStream refused {pending.subject}: {reason}",
+                    subject=pending.subject,
+                    retriable=retriable,
                 ),
                 "refused",
             )
             return
+        self._acked(pending, bool(reply.get("duplicate")))
+
+    def _acked(self, pending: _Pending[Ticket], duplicate: bool) -> None:
         metrics = self._metrics
         now = time.monotonic()
         metrics.last_progress = now
         metrics.publish_duration.observe(now - pending.deadline + self._ack_timeout)
-        duplicate = bool(reply.get("duplicate"))
         if duplicate:
-            metrics.duplicates += 1
+            metrics.duplicates += pending.messages
         self._on_ack(pending.ticket, duplicate)
+
+    async def _verify_duplicate_batch(self, token: str, pending: _Pending[Ticket]) -> None:
+        stored = False
+        if self.is_stored is not None:
+            try:
+                stored = await self.is_stored(pending.subject, pending.headers)
+            except Exception as exc:
+                log.warning("cannot check a batch rejected as a duplicate: %s", first_line(exc))
+        if self._forget(token) is None:
+            return  # the sink failed meanwhile
+        if stored:
+            self._acked(pending, True)
+            return
+        self._fail(
+            PublishError(
+                f"JetStream rejected a batch ending with {pending.subject} as containing a "
+                "duplicate message id, but its last message is not in the stream: the batch "
+                "was not stored as a whole (was nats.atomic_batch_size changed between runs?)",
+                subject=pending.subject,
+            ),
+            "refused",
+        )
 
     async def _on_reply(self, msg: Msg) -> None:
         self._on_reply_sync(msg)
@@ -282,6 +495,19 @@ class JetStreamSink(Generic[Ticket]):
         while not self._failure.done():
             await asyncio.sleep(interval)
             now = time.monotonic()
+            blocked = self._blocked_since
+            if blocked is not None and now - blocked > self._ack_timeout:
+                # The socket towards NATS takes nothing (a frozen server, a stalled
+                # network): batch members have no PubAck to wait for, so watch this too.
+                self._fail(
+                    PublishError(
+                        f"NATS has not taken a message for {now - blocked:.0f}s "
+                        f"(over nats.ack_timeout {self._ack_timeout:g}s)",
+                        retriable=True,
+                    ),
+                    "timeout",
+                )
+                break
             # Dicts keep insertion order: the oldest pending message comes first.
             for pending in self._pending.values():
                 if pending.deadline < now:
@@ -290,6 +516,7 @@ class JetStreamSink(Generic[Ticket]):
                             f"no PubAck for {pending.subject} within {self._ack_timeout:g}s "
                             "(is JetStream healthy? raise nats.ack_timeout if it is just slow)",
                             subject=pending.subject,
+                            retriable=True,
                         ),
                         "timeout",
                     )
@@ -299,6 +526,7 @@ class JetStreamSink(Generic[Ticket]):
         if not self._failure.done() and not self._closing:
             self._metrics.publish_failed(reason)
             self._failure.set_exception(error)
+            self._room.set()  # wake a publisher waiting for room: it raises
 
     def raise_if_failed(self) -> None:
         if self._failure.done():
@@ -325,6 +553,8 @@ class JetStreamSink(Generic[Ticket]):
 
     async def close(self) -> None:
         self._closing = True
+        for task in self._verifications:
+            task.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,7 +22,7 @@ import math
 import psycopg
 from psycopg import pq, sql
 
-from cdc_bridge.errors import SourceError, first_line
+from cdc_bridge.errors import SetupError, SlotBusyError, SourceError, first_line
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.metrics import BridgeMetrics
 from cdc_bridge.pgoutput import (
@@ -107,6 +107,14 @@ class ReplicationSource:
             await conn.execute(command)
         except psycopg.Error as exc:
             await _close_quietly(conn)
+            if exc.sqlstate == "55006":  # object_in_use: another process streams from it
+                raise SlotBusyError(
+                    f"replication slot {slot!r} is in use by another process: {first_line(exc)}"
+                ) from None
+            if exc.sqlstate == "42704":  # undefined_object: dropped under our feet
+                raise SetupError(
+                    f"replication slot {slot!r} does not exist (any more): {first_line(exc)}"
+                ) from None
             raise SourceError(
                 f"cannot start replication from slot {slot!r}: {first_line(exc)}"
             ) from None

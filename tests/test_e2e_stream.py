@@ -10,6 +10,7 @@ against it message by message.
 from __future__ import annotations
 
 import random
+import re
 import string
 import uuid
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ def test_committed_changes_reach_the_stream_exactly(
     expected = [(t, change) for t in work.committed for change in t.changes]
     assert len(messages) == len(expected), bridge.log_text()
     previous_commit = 0
+    batch_ids: dict[int, str] = {}  # xid → the atomic batch id of its transaction
     for message, (transaction, change) in zip(messages, expected, strict=True):
         body = message.body
         source = body["source"]
@@ -238,11 +240,22 @@ def test_committed_changes_reach_the_stream_exactly(
             assert message.subject == f"messages.{row['conversation_uuid']}"
         else:
             assert message.subject == f"cdc.public.conversations.{change.op}"
-        assert message.headers == {
+        headers = dict(message.headers)
+        # A transaction of several changes is one atomic batch; a single change is not.
+        batch: dict[str, str] = {}
+        if len(transaction.changes) > 1:
+            batch_id = batch_ids.setdefault(transaction.xid, headers.get("Nats-Batch-Id", ""))
+            assert re.fullmatch(r"[0-9a-f]{32}", batch_id)
+            batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(change.index + 1)}
+            if change.index == len(transaction.changes) - 1:
+                batch["Nats-Batch-Commit"] = "1"
+        assert headers == {
             "Nats-Msg-Id": f"cdc_bridge:{format_lsn(commit_lsn)}:{change.index}",
             "Cdc-Op": change.op,
             "Cdc-Table": "public.conversations",
             "Cdc-Commit-Lsn": format_lsn(commit_lsn),
             "Cdc-Index": str(change.index),
+            **batch,
         }
+    assert len(set(batch_ids.values())) == len(batch_ids) == 2  # one batch per transaction
     assert all("never committed" not in str(m.body) for m in messages)

@@ -26,6 +26,7 @@ class FakeSource:
 class FakeSink:
     connected: bool = True
     in_flight: int = 0
+    in_flight_bytes: int = 0
 
 
 @dataclass

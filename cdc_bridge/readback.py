@@ -1,0 +1,161 @@
+"""Read-back: where in the WAL the last message this bridge stored in its stream came from.
+
+Every message carries ``Nats-Msg-Id: <slot>:<commit_lsn>:<index>`` (``<slot>:<lsn>:m``
+for a non-transactional logical message). Messages reach the stream in WAL order, so
+the newest message of our slot names the last change already stored: after a crash or
+a reconnect everything at or before it is skipped, which keeps exactly-once beyond
+JetStream's duplicate window.
+
+Several bridges (other slots) may share a stream. The read-back asks the server for the
+newest message on *our* subjects (an ephemeral consumer with ``deliver_policy: last``
+and our subject filters), then, if that one belongs to another slot (subjects shared
+between bridges), walks back message by message, at most ``scan_limit`` messages.
+Bridges that share a stream should use disjoint subject prefixes: then the first answer
+is always ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from cdc_bridge.errors import SinkError, first_line
+from cdc_bridge.lsn import format_lsn, parse_lsn
+from cdc_bridge.routing import subject_is_covered
+
+__all__ = ["Position", "last_published", "position_of"]
+
+log = logging.getLogger(__name__)
+
+#: Messages walked back at most when the newest message on our subjects is another
+#: slot's; past that, the duplicate window alone protects against re-sends.
+SCAN_LIMIT = 10_000
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """A message's place in the WAL order: (commit LSN, index in the transaction).
+
+    A non-transactional logical message has index -1: it is sent when decoded, before
+    the transaction that may be open around it, whose commit LSN is not smaller.
+    """
+
+    lsn: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{format_lsn(self.lsn)}#{self.index if self.index >= 0 else 'm'}"
+
+
+def position_of(msg_id: str, slot: str) -> Position | None:
+    """The position in a ``Nats-Msg-Id`` written for ``slot``; None if another's or not ours."""
+    prefix, _, rest = msg_id.partition(":")
+    if prefix != slot:
+        return None
+    lsn_text, _, index_text = rest.partition(":")
+    try:
+        lsn = parse_lsn(lsn_text)
+        index = -1 if index_text == "m" else int(index_text)
+    except ValueError:
+        return None
+    return Position(lsn, index) if index >= -1 else None
+
+
+async def last_published(
+    nc: NatsClient,
+    stream: str,
+    subjects: Sequence[str],
+    slot: str,
+    *,
+    scan_limit: int = SCAN_LIMIT,
+    timeout: float = 5.0,  # noqa: ASYNC109 - each request is bounded
+) -> Position | None:
+    """The position of the newest message of ``slot`` in ``stream``; None if it has none."""
+    js = nc.jetstream(timeout=timeout)
+    try:
+        newest = await _newest_sequence(nc, stream, subjects, timeout)
+        if newest is None:
+            return None
+        for seq in range(newest, max(0, newest - scan_limit), -1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except NotFoundError:
+                continue  # deleted or expired
+            if not subject_is_covered(msg.subject or "", subjects):
+                continue
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            position = position_of(msg_id, slot)
+            if position is not None:
+                return position
+    except SinkError:
+        raise
+    except Exception as exc:
+        raise SinkError(f"cannot read back the stream {stream!r}: {first_line(exc)}") from None
+    log.warning(
+        "no message of slot %s among the last %d messages on its subjects in stream %s: "
+        "relying on the duplicate window alone (give each bridge its own subjects)",
+        slot,
+        scan_limit,
+        stream,
+    )
+    return None
+
+
+async def _newest_sequence(
+    nc: NatsClient,
+    stream: str,
+    subjects: Sequence[str],
+    timeout: float,  # noqa: ASYNC109
+) -> int | None:
+    """Stream sequence of the newest message on ``subjects``, asked of the server."""
+    js = nc.jetstream(timeout=timeout)
+    name = f"cdc-bridge-readback-{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        deliver_policy=DeliverPolicy.LAST,
+        ack_policy=AckPolicy.NONE,
+        filter_subjects=list(subjects),
+        inactive_threshold=60.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    await js.add_consumer(stream, config)
+    try:
+        info = await js.consumer_info(stream, name)
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
+    if not info.num_pending or info.delivered is None:
+        return None
+    # A new consumer with deliver_policy "last" starts at the newest matching message
+    # and reports the sequence just before it as delivered.
+    return int(info.delivered.stream_seq or 0) + 1
+
+
+async def is_stored(
+    nc: NatsClient,
+    stream: str,
+    subject: str,
+    position: Position,
+    slot: str,
+    timeout: float = 5.0,  # noqa: ASYNC109
+) -> bool:
+    """Whether the message at ``position`` (published to ``subject``) is in the stream.
+
+    Used when JetStream rejects a re-sent atomic batch as a duplicate: the batch's last
+    message, or a later one of ours on its subject, proves that the batch was committed.
+    """
+    js = nc.jetstream(timeout=timeout)
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return False
+    found = position_of((msg.headers or {}).get("Nats-Msg-Id", ""), slot)
+    return found is not None and found >= position
