@@ -3,6 +3,7 @@
 #   make test    run the whole test suite (starts throwaway PostgreSQL/NATS servers)
 #   make lint    ruff check, ruff format --check, mypy --strict
 #   make test-pg15  the server tests again against Debian's PostgreSQL 15 (apt postgresql-15)
+#   make test-faults  the whole fault suite, long variants included
 #   make demo    cdc-bridge demo against embedded servers (ARGS="..." to pass options)
 #   make clean   remove the virtualenv and tool caches
 
@@ -12,7 +13,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 
 .DEFAULT_GOAL := test
-.PHONY: venv .venv test test-pg15 lint demo clean
+.PHONY: venv .venv test test-pg15 test-faults lint demo clean
 
 venv .venv: $(VENV)/.installed-dev
 
@@ -46,6 +47,9 @@ test: $(VENV)/.installed-dev
 PG15_BIN ?= /usr/lib/postgresql/15/bin
 test-pg15: $(VENV)/.installed-dev
 	CDC_BRIDGE_PG_BIN=$(PG15_BIN) $(BIN)/pytest -q -m servers
+
+test-faults: $(VENV)/.installed-dev
+	$(BIN)/pytest -q -m faults --long-faults
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
