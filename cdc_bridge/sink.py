@@ -274,9 +274,8 @@ class JetStreamSink(Generic[Ticket]):
         elif not allowed:
             log.warning(
                 "stream %s does not allow atomic batches: transactions are published "
-                "message by message (enable with `nats stream edit %s --allow-batch`, "
-                "or allow_atomic in the stream config)",
-                stream,
+                "message by message (set allow_atomic: true in the stream's configuration "
+                "to have each transaction stored as a whole)",
                 stream,
             )
         else:
