@@ -61,7 +61,14 @@ from cdc_bridge.provisioning import (
     ensure_replication,
     slot_confirmed_lsn,
 )
-from cdc_bridge.readback import Position, is_stored, last_published, position_of
+from cdc_bridge.readback import (
+    Position,
+    ReadBack,
+    is_stored,
+    last_published,
+    position_of,
+    read_back,
+)
 from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
 from cdc_bridge.routing import SubjectTemplate
 from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink, StreamSpec, stream_subjects
@@ -268,13 +275,13 @@ class _Session:
             await sink.ensure_stream(spec, atomic_batches=nats.atomic_batches)
             subjects = own_subjects(settings)
 
-            async def stored(subject: str, headers: dict[str, str]) -> bool:
+            async def batch_stored(subject: str, headers: dict[str, str]) -> bool:
                 position = position_of(headers.get("Nats-Msg-Id", ""), pg.slot)
                 return position is not None and await is_stored(
                     sink.client, spec.name, subject, position, pg.slot
                 )
 
-            sink.is_stored = stored
+            sink.is_stored = batch_stored
             # Before the slot is ours this is only a hint (another bridge may be
             # publishing), good enough to refuse recreating a dropped slot.
             hint = await last_published(sink.client, spec.name, subjects, pg.slot)
@@ -297,19 +304,19 @@ class _Session:
             metrics.last_progress = time.monotonic()
             try:
                 # The slot is ours: nobody else publishes for it now.
-                stored_up_to = await last_published(sink.client, spec.name, subjects, pg.slot)
-                if stored_up_to is not None and stored_up_to.lsn >= start:
+                stored = await read_back(sink.client, spec.name, subjects, pg.slot, since_lsn=start)
+                if stored is not None and stored.newest.lsn >= start:
                     log.info(
                         "the stream already holds changes up to %s, past the slot's "
                         "confirmed %s (stopped before confirming them): not re-sending those",
-                        stored_up_to,
+                        stored.newest,
                         format_lsn(start),
                         extra={"lsn": format_lsn(start)},
                     )
                 self.checkpointer = Checkpointer(start, on_advance=self.progress.set)
                 metrics.checkpoint = self.checkpointer
                 self.streaming = True
-                await self._stream(state, source, sink, self.checkpointer, stored_up_to)
+                await self._stream(state, source, sink, self.checkpointer, stored)
             finally:
                 await source.close()
         finally:
@@ -366,7 +373,7 @@ class _Session:
         source: ReplicationSource,
         sink: JetStreamSink[TransactionTicket],
         checkpointer: Checkpointer,
-        stored_up_to: Position | None,
+        stored: ReadBack | None,
     ) -> None:
         settings, stats, metrics, stop = self.settings, self.stats, self.metrics, self.stop
         heartbeat = settings.heartbeat
@@ -402,7 +409,7 @@ class _Session:
                 heartbeat_router,
                 stats,
                 metrics,
-                stored_up_to,
+                stored,
             ).run(),
             name="wal-reader",
         )
@@ -499,7 +506,7 @@ class _Reader:
         heartbeat_router: Router | None,
         stats: BridgeStats,
         metrics: BridgeMetrics,
-        stored_up_to: Position | None,
+        stored: ReadBack | None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -517,17 +524,27 @@ class _Reader:
         )
         # Room the batch headers need, when messages go out in atomic batches.
         self.size_margin = BATCH_HEADER_BYTES if publisher.atomic else 0
-        # Messages at or before this are in the stream already: not sent again.
-        self.stored_up_to = stored_up_to
+        # What the stream holds already of what the slot sends again: not re-sent.
+        self.stored = stored
 
     def _already_stored(self, lsn: int, index: int) -> bool:
-        stored = self.stored_up_to
+        stored = self.stored
         if stored is None:
             return False
-        if Position(lsn, index) <= stored:
+        position = Position(lsn, index)
+        held = stored.holds(position)
+        if held is None:
+            self.stored = None  # past the newest stored message: everything is new
+            return False
+        if held:
             self.metrics.already_published += 1
             return True
-        self.stored_up_to = None  # past it: everything from here on is new
+        log.warning(
+            "re-sending %s: the stream lacks it but holds later changes (JetStream refused "
+            "it earlier?); it lands after them",
+            position,
+            extra={"lsn": format_lsn(lsn)},
+        )
         return False
 
     def _fit(self, outgoing: OutgoingMessage, table: str | None, key: object) -> OutgoingMessage:

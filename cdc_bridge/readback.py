@@ -30,7 +30,7 @@ from cdc_bridge.errors import SinkError, first_line
 from cdc_bridge.lsn import format_lsn, parse_lsn
 from cdc_bridge.routing import subject_is_covered
 
-__all__ = ["Position", "last_published", "position_of"]
+__all__ = ["Position", "ReadBack", "is_stored", "last_published", "position_of", "read_back"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,94 @@ def position_of(msg_id: str, slot: str) -> Position | None:
     return Position(lsn, index) if index >= -1 else None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What the stream holds of this slot's recent messages.
+
+    ``stored`` has every position of ours found between the newest message and
+    ``since_lsn``. Normally that is every position up to ``newest``; but JetStream may
+    have refused a message (a size limit, a permission) and stored the ones published
+    right after it, and such a gap must be re-sent rather than skipped.
+    """
+
+    newest: Position
+    stored: frozenset[Position]
+    #: Oldest position walked back to; older ones were not looked at.
+    oldest: Position
+    complete: bool  # the walk reached since_lsn (or the start of the stream)
+
+    def holds(self, position: Position) -> bool | None:
+        """True/False if known; None for a position after ``newest`` (not published)."""
+        if position > self.newest:
+            return None
+        if position in self.stored:
+            return True
+        # Older than the walk reached: the order of the stream says it is there.
+        return not self.complete and position < self.oldest
+
+
+async def read_back(
+    nc: NatsClient,
+    stream: str,
+    subjects: Sequence[str],
+    slot: str,
+    *,
+    since_lsn: int | None = None,
+    scan_limit: int = SCAN_LIMIT,
+    timeout: float = 5.0,  # noqa: ASYNC109 - each request is bounded
+) -> ReadBack | None:
+    """This slot's messages in ``stream``, walking back from the newest to ``since_lsn``.
+
+    With ``since_lsn`` None only the newest is looked for. None if the stream holds no
+    message of ``slot`` (among the last ``scan_limit`` on its subjects).
+    """
+    js = nc.jetstream(timeout=timeout)
+    stored: set[Position] = set()
+    newest: Position | None = None
+    oldest: Position | None = None
+    complete = False
+    try:
+        top = await _newest_sequence(nc, stream, subjects, timeout)
+        if top is None:
+            return None
+        bottom = max(0, top - scan_limit)
+        for seq in range(top, bottom, -1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except NotFoundError:
+                continue  # deleted or expired
+            if not subject_is_covered(msg.subject or "", subjects):
+                continue
+            position = position_of((msg.headers or {}).get("Nats-Msg-Id", ""), slot)
+            if position is None:
+                continue
+            if since_lsn is None or position.lsn < since_lsn:
+                complete = since_lsn is not None
+                if newest is None:
+                    newest = oldest = position
+                    stored.add(position)
+                break
+            newest = newest or position
+            oldest = position
+            stored.add(position)
+        else:
+            complete = bottom == 0
+    except SinkError:
+        raise
+    except Exception as exc:
+        raise SinkError(f"cannot read back the stream {stream!r}: {first_line(exc)}") from None
+    if newest is None or oldest is None:
+        log.warning(
+            "no message of slot %s among the last %d messages on its subjects in stream %s: "
+            "relying on the duplicate window alone (give each bridge its own subjects)",
+            slot,
+            scan_limit,
+            stream,
+        )
+        return None
+    return ReadBack(newest, frozenset(stored), oldest, complete)
+
+
 async def last_published(
     nc: NatsClient,
     stream: str,
@@ -75,37 +163,10 @@ async def last_published(
     slot: str,
     *,
     scan_limit: int = SCAN_LIMIT,
-    timeout: float = 5.0,  # noqa: ASYNC109 - each request is bounded
 ) -> Position | None:
     """The position of the newest message of ``slot`` in ``stream``; None if it has none."""
-    js = nc.jetstream(timeout=timeout)
-    try:
-        newest = await _newest_sequence(nc, stream, subjects, timeout)
-        if newest is None:
-            return None
-        for seq in range(newest, max(0, newest - scan_limit), -1):
-            try:
-                msg = await js.get_msg(stream, seq)
-            except NotFoundError:
-                continue  # deleted or expired
-            if not subject_is_covered(msg.subject or "", subjects):
-                continue
-            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-            position = position_of(msg_id, slot)
-            if position is not None:
-                return position
-    except SinkError:
-        raise
-    except Exception as exc:
-        raise SinkError(f"cannot read back the stream {stream!r}: {first_line(exc)}") from None
-    log.warning(
-        "no message of slot %s among the last %d messages on its subjects in stream %s: "
-        "relying on the duplicate window alone (give each bridge its own subjects)",
-        slot,
-        scan_limit,
-        stream,
-    )
-    return None
+    found = await read_back(nc, stream, subjects, slot, scan_limit=scan_limit)
+    return None if found is None else found.newest
 
 
 async def _newest_sequence(

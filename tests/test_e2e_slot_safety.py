@@ -12,6 +12,7 @@ from typing import Any
 import nats as nats_client
 import psycopg
 import pytest
+from nats.js.api import StreamConfig
 
 from cdc_bridge.local_servers import LocalNats, start_nats
 from cdc_bridge.lsn import parse_lsn
@@ -181,3 +182,51 @@ def test_an_oversized_row_becomes_a_dead_letter_marker_and_streaming_goes_on(
     assert messages[2].body["after"] == {"id": 3, "body": "after"}
     assert "over max_payload 4096: publishing a marker to cdc.too_big" in bridge.log_text()
     assert slot_state(database, "cdc_bridge")[0] >= end  # confirmed past the marker
+
+
+def test_a_message_refused_by_the_stream_is_resent_after_the_fix_not_skipped(
+    database: str, nats: Any, stream_name: str, tmp_path: Path
+) -> None:
+    """JetStream refuses one message (the stream's max_msg_size) and stores the ones after
+    it: the read-back must not take the later ones as proof that it is stored."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+
+    async def create_stream(max_msg_size: int, update: bool = False) -> None:
+        nc = await nats_client.connect(nats.url)
+        try:
+            js = nc.jetstream()
+            config = StreamConfig(name=stream_name, subjects=["t.*"], max_msg_size=max_msg_size)
+            await (js.update_stream(config) if update else js.add_stream(config))
+        finally:
+            await nc.close()
+
+    asyncio.run(create_stream(2000))
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE PUBLICATION cdc_bridge FOR TABLE t")
+        conn.execute("SELECT pg_create_logical_replication_slot('cdc_bridge', 'pgoutput')")
+        conn.execute("INSERT INTO t VALUES (1, 'small')")
+        conn.execute("INSERT INTO t VALUES (2, repeat('x', 3000))")  # over max_msg_size
+        for row in range(3, 11):
+            conn.execute("INSERT INTO t VALUES (%s, 'small')", (row,))
+    bridge = BridgeProcess(
+        _config(tmp_path, database, nats.url, stream_name), tmp_path / "bridge.log"
+    )
+    bridge.start(wait_streaming=False)
+    try:
+        last = _exit_line(bridge)
+        assert "JetStream refused t.insert: message size exceeds maximum allowed" in last, last
+        before = [m.body["after"]["id"] for m in read_stream(nats.url, stream_name)]
+        assert before[0] == 1
+        assert 2 not in before
+        asyncio.run(create_stream(1 << 20, update=True))  # the operator's fix
+        bridge.start()
+        wait_for_messages(nats.url, stream_name, 10)
+        assert bridge.terminate() == 0
+    finally:
+        bridge.stop_quietly()
+    ids = [m.body["after"]["id"] for m in read_stream(nats.url, stream_name)]
+    assert sorted(ids) == list(range(1, 11))  # all, each once
+    if len(before) > 1:  # later rows were stored before the refusal stopped the bridge
+        assert ids == [*before, 2, *range(len(before) + 2, 11)]
+        assert "re-sending 0/" in bridge.log_text()

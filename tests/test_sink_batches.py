@@ -15,7 +15,7 @@ from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import NatsSettings
 from cdc_bridge.errors import PublishError
 from cdc_bridge.lsn import format_lsn
-from cdc_bridge.readback import Position, is_stored, last_published, position_of
+from cdc_bridge.readback import Position, is_stored, last_published, position_of, read_back
 from cdc_bridge.router import OutgoingMessage
 from cdc_bridge.sink import JetStreamSink, StreamSpec
 from tests.fixtures.proxy import TcpProxy
@@ -280,5 +280,35 @@ async def test_read_back_finds_the_newest_message_of_its_own_slot(
         assert await last_published(nc, stream_name, ["a.>"], "s1") == Position(0x10, 0)
         # Beyond the scan limit the read-back gives up (the duplicate window remains).
         assert await last_published(nc, stream_name, ["a.>"], "s1", scan_limit=1) is None
+    finally:
+        await nc.close()
+
+
+async def test_read_back_lists_what_is_stored_since_the_confirmed_lsn(
+    nats: Any, stream_name: str
+) -> None:
+    nc = await nats_client.connect(nats.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=stream_name, subjects=["a.>"]))
+        # (0x20, 1) is missing: JetStream refused it, the next ones were stored.
+        for msg_id in ["s1:0/5:0", "s1:0/10:0", "s1:0/10:1", "s1:0/20:0", "s1:0/30:0"]:
+            await js.publish("a.x", b"{}", headers={"Nats-Msg-Id": msg_id})
+        found = await read_back(nc, stream_name, ["a.>"], "s1", since_lsn=0x10)
+        assert found is not None
+        assert found.newest == Position(0x30, 0)
+        assert found.complete
+        assert found.holds(Position(0x10, 0)) is True
+        assert found.holds(Position(0x20, 0)) is True
+        assert found.holds(Position(0x20, 1)) is False  # the gap: re-send it
+        assert found.holds(Position(0x30, 0)) is True
+        assert found.holds(Position(0x30, 1)) is None  # never published
+        # A walk cut short by the scan limit trusts the stream's order beyond it.
+        short = await read_back(nc, stream_name, ["a.>"], "s1", since_lsn=0x10, scan_limit=2)
+        assert short is not None
+        assert not short.complete
+        assert short.oldest == Position(0x20, 0)
+        assert short.holds(Position(0x10, 1)) is True
+        assert short.holds(Position(0x20, 1)) is False
     finally:
         await nc.close()
