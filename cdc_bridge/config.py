@@ -118,6 +118,11 @@ class PostgresSettings(_Section):
     connect_timeout: float = Field(
         default=10.0, gt=0, description="seconds to wait for a connection (rounded up)"
     )
+    receive_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds without a frame from PostgreSQL before the stream counts as lost",
+    )
     sslmode: SslMode | None = Field(
         default=None, description="libpq sslmode, applied on top of the DSN; null: the DSN's"
     )
@@ -144,6 +149,11 @@ class PostgresSettings(_Section):
 
     @model_validator(mode="after")
     def _security(self) -> PostgresSettings:
+        if self.receive_timeout <= self.status_interval:
+            raise ValueError(
+                "postgres.receive_timeout must be longer than postgres.status_interval (a quiet "
+                "stream hears from PostgreSQL once per status_interval)"
+            )
         if (self.sslcert is None) != (self.sslkey is None):
             raise ValueError("set both postgres.sslcert and postgres.sslkey, or neither")
         if self.iam_auth:

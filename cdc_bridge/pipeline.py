@@ -337,6 +337,7 @@ class _Session:
                     publication=pg.publication,
                     start_lsn=0 if waited else confirmed,  # 0: the slot's own position
                     connect_timeout=pg.connect_timeout,
+                    receive_timeout=pg.receive_timeout,
                     metrics=metrics,
                 )
             except SlotBusyError as exc:
@@ -474,12 +475,14 @@ class _Session:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pending
             # Also after a failure: confirm what was acked, so a restart re-sends no more.
-            try:
-                await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
-                if not await source.finish():
-                    log.warning("PostgreSQL did not acknowledge the end of the stream in time")
-            except Exception as exc:
-                log.warning("could not send the final status update: %s", exc)
+            # Not over a replication connection that has just failed: it is gone.
+            if not isinstance(error, SourceError):
+                try:
+                    await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
+                    if not await source.finish():
+                        log.warning("PostgreSQL did not acknowledge the end of the stream in time")
+                except Exception as exc:
+                    log.warning("could not send the final status update: %s", exc)
         log.info(
             "stopped: %d changes in %d transactions published, confirmed up to %s",
             stats.changes,

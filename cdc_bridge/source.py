@@ -51,8 +51,10 @@ class ReplicationSource:
         conn: psycopg.AsyncConnection[tuple[object, ...]],
         slot: str,
         metrics: BridgeMetrics | None = None,
+        receive_timeout: float = 60.0,
     ) -> None:
         self._conn = conn
+        self._receive_timeout = receive_timeout
         self._metrics = metrics or BridgeMetrics()
         self._pgconn = conn.pgconn
         self._slot = slot
@@ -77,6 +79,7 @@ class ReplicationSource:
         start_lsn: int = 0,
         messages: bool = True,
         connect_timeout: float = 10.0,
+        receive_timeout: float = 60.0,
         metrics: BridgeMetrics | None = None,
     ) -> ReplicationSource:
         try:
@@ -128,7 +131,7 @@ class ReplicationSource:
             format_lsn(start_lsn),
             extra={"lsn": format_lsn(start_lsn)},
         )
-        return cls(conn, slot, metrics)
+        return cls(conn, slot, metrics, receive_timeout)
 
     @property
     def connected(self) -> bool:
@@ -147,7 +150,16 @@ class ReplicationSource:
                 return frame
             if nbytes == 0:
                 self._readable.clear()
-                await self._readable.wait()
+                try:
+                    # The server answers our status requests with keepalives, so silence
+                    # this long means a dead network that no TCP error will report soon.
+                    async with asyncio.timeout(self._receive_timeout):
+                        await self._readable.wait()
+                except TimeoutError:
+                    raise SourceError(
+                        f"nothing received from PostgreSQL for {self._receive_timeout:g}s "
+                        "(postgres.receive_timeout): the connection is presumed dead"
+                    ) from None
                 try:
                     pgconn.consume_input()
                 except psycopg.Error:
