@@ -20,7 +20,7 @@ def test_a_silent_postgres_connection_is_given_up_after_receive_timeout(
     database: str, nats: Any, stream_name: str, tmp_path: Path
 ) -> None:
     params = conninfo_to_dict(database)
-    proxy = TcpProxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    proxy = TcpProxy(str(params.get("host", "127.0.0.1")), int(str(params.get("port", 5432))))
     via_proxy = make_conninfo(database, host="127.0.0.1", port=str(proxy.port))
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
