@@ -225,11 +225,21 @@ DEFAULT = load_values(CHART / "ci" / "default-values.yaml")
 ids = [p.name for p in CI_VALUES]
 
 
-def test_ci_values_cover_the_three_setups() -> None:
+#: The Deployment strategy per replicaCount. One pod: Recreate. Two (hot standby): the
+#: standby is never ready and a new pod cannot get ready while an old one holds the
+#: slot, so the rollout must be allowed to stop every old pod at once.
+STRATEGIES = {
+    1: {"type": "Recreate"},
+    2: {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}},
+}
+
+
+def test_ci_values_cover_the_setups() -> None:
     assert {p.name for p in CI_VALUES} >= {
         "default-values.yaml",
         "full-values.yaml",
         "existing-secret-values.yaml",
+        "standby-values.yaml",
     }
 
 
@@ -282,8 +292,9 @@ def test_deployment_promises(chart: helm.Chart, values_file: Path) -> None:
     pod = deployment["spec"]["template"]["spec"]
     main = container(docs)
 
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert deployment["spec"]["replicas"] == merged["replicaCount"] == 1
+    replicas = merged["replicaCount"]
+    assert deployment["spec"]["replicas"] == replicas
+    assert deployment["spec"]["strategy"] == STRATEGIES[replicas]
     # Service links would inject CDC_BRIDGE_SERVICE_HOST & co., which the bridge rejects.
     assert pod["enableServiceLinks"] is False
 
@@ -382,13 +393,61 @@ def test_config_port_moves_everything(chart: helm.Chart) -> None:
     assert only(docs, "Service")["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
-def test_two_replicas_are_allowed_with_a_warning(chart: helm.Chart) -> None:
+def test_one_replica_is_recreated_and_not_spread(chart: helm.Chart) -> None:
+    deployment = only(render(chart, DEFAULT), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    notes = chart.render(DEFAULT, name=RELEASE, namespace=NAMESPACE)[
+        "cdc-bridge/templates/NOTES.txt"
+    ]
+    assert "standby" not in notes
+
+
+def test_two_replicas_are_a_hot_standby(chart: helm.Chart) -> None:
     values = with_values(DEFAULT, "replicaCount", 2)
-    assert only(render(chart, values), "Deployment")["spec"]["replicas"] == 2
+    deployment = only(render(chart, values), "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    # maxUnavailable below 100% would deadlock: the controller keeps the old active pod
+    # until a new pod is ready, and the new pod stands by (not ready) until the old one
+    # releases the slot.
+    assert deployment["spec"]["strategy"] == STRATEGIES[2]
+    # Active and standby preferably on different nodes.
+    pod = deployment["spec"]["template"]["spec"]
+    [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        == deployment["spec"]["selector"]["matchLabels"]
+    )
     notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)[
         "cdc-bridge/templates/NOTES.txt"
     ]
-    assert "hot-standby" in notes
+    assert "hot standby" in notes
+    assert "standing by" in notes
+
+
+def test_own_affinity_replaces_the_spreading(chart: helm.Chart) -> None:
+    own: dict[str, Any] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    values = with_values(with_values(DEFAULT, "replicaCount", 2), "affinity", own)
+    pod = only(render(chart, values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["affinity"] == own
+
+
+def test_standby_does_not_trip_the_connection_alerts(chart: helm.Chart) -> None:
+    """A standby never has the replication stream open: the alerts must not count it."""
+    values = with_values(load_values(CHART / "ci" / "full-values.yaml"), "replicaCount", 2)
+    rules = [
+        r
+        for g in only(render(chart, values), "PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+    ]
+    alerts = {r["alert"]: r["expr"] for r in rules}
+    assert alerts["CdcBridgeSourceDisconnected"].startswith("max(cdc_bridge_source_connected{")
+    assert "unless on(instance) cdc_bridge_standby{" in alerts["CdcBridgeSinkDisconnected"]
+    # The Deployment has one available pod with a standby: that is healthy.
+    assert "replicas_available" in alerts["CdcBridgeNotReady"]
+    assert alerts["CdcBridgeNotReady"].endswith("< 1")
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=ids)
