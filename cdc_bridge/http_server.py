@@ -3,8 +3,8 @@
 A tiny asyncio server (one request per connection, HTTP/1.0-style answers with
 ``Connection: close``) so that no web framework is needed. It runs on the bridge's
 event loop, so ``/livez`` answering proves that loop is alive; it never asks
-PostgreSQL or NATS. ``/readyz`` asks a callback for the reason the bridge is not ready
-(None when it is). ``/metrics`` renders the injected registry in a worker thread,
+PostgreSQL or NATS. ``/readyz`` asks a callback whether the bridge is ready and for one
+line saying so or why not. ``/metrics`` renders the injected registry in a worker thread,
 because a collector may query PostgreSQL (the slot gauges).
 """
 
@@ -36,7 +36,7 @@ class HttpServer:
         host: str,
         port: int,
         registry: CollectorRegistry,
-        readiness: Callable[[], str | None],
+        readiness: Callable[[], tuple[bool, str]],
     ) -> None:
         self._host = host
         self._port = port
@@ -100,10 +100,8 @@ class HttpServer:
         if target == "/livez":
             return 200, _TEXT, b"ok\n"
         if target == "/readyz":
-            problem = self._readiness()
-            if problem is None:
-                return 200, _TEXT, b"ready\n"
-            return 503, _TEXT, (problem.replace("\n", " ") + "\n").encode()
+            ready, text = self._readiness()
+            return (200 if ready else 503), _TEXT, (text.replace("\n", " ") + "\n").encode()
         if target == "/metrics":
             body = await asyncio.to_thread(generate_latest, self._registry)
             return 200, CONTENT_TYPE_LATEST, body

@@ -198,10 +198,26 @@ class BridgeMetrics:
     def publish_failed(self, reason: PublishErrorReason) -> None:
         self.publish_errors[reason] += 1
 
-    def readiness_problem(self, now: float | None = None) -> str | None:
-        """None when ready; else one line saying why not (for ``/readyz``)."""
+    def readiness(self, now: float | None = None) -> tuple[bool, str]:
+        """(ready, one line) for ``/readyz``.
+
+        A standby is ready: it is healthy in its role (connected to NATS, trying for the
+        slot), so that a Deployment with two replicas rolls out and drains normally;
+        ``cdc_bridge_standby`` and the text tell the roles apart.
+        """
+        now = time.monotonic() if now is None else now
         if self.standby_reason is not None:
-            return self.standby_reason
+            if self.sink is None or not self.sink.connected:
+                return False, "standing by, but not connected to NATS"
+            idle = now - (self.last_progress or 0.0)
+            if idle > self.ready_timeout:
+                return False, f"standing by, but no attempt to take the slot for {idle:.0f}s"
+            return True, f"ready, {self.standby_reason}"
+        problem = self.readiness_problem(now)
+        return problem is None, problem or "ready"
+
+    def readiness_problem(self, now: float | None = None) -> str | None:
+        """None when ready; else one line saying why not."""
         if self.source is None or not self.source.connected:
             return "the replication stream from PostgreSQL is not open"
         if self.sink is None or not self.sink.connected:

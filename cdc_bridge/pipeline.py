@@ -9,7 +9,7 @@ confirmed LSN.
 A *session* is one pass of: connect to NATS, check the database, ensure stream,
 publication and slot, take the slot (standing by while another process holds it), read
 back the last message this slot stored in the stream, then stream. When a connection is
-lost after streaming has started, the session ends and a new one starts after a capped,
+lost after setup has once succeeded (standing by or streaming), the session ends and a new one starts after a capped,
 jittered backoff: WAL is re-read from the slot's confirmed position, and every change at
 or before the read-back position is skipped, so nothing is lost and nothing duplicated.
 Errors in the first session, and errors no retry can fix, end the bridge instead.
@@ -155,9 +155,7 @@ async def run_bridge(
     server: HttpServer | None = None
     if settings.metrics.enabled:
         host, port = settings.metrics.host, settings.metrics.port
-        server = HttpServer(
-            host=host, port=port, registry=registry, readiness=metrics.readiness_problem
-        )
+        server = HttpServer(host=host, port=port, registry=registry, readiness=metrics.readiness)
         try:
             await server.start()
         except OSError as exc:
@@ -197,7 +195,7 @@ async def _run(
 ) -> None:
     bind_log_context(slot=settings.postgres.slot)  # on every record of this task and its tasks
     backoff = Backoff(settings.reconnect)
-    streamed = False  # a session once got as far as streaming
+    streamed = False  # a session once got through setup (standing by or streaming)
     while True:
         session = _Session(settings, stop, stats, metrics)
         started = time.monotonic()
@@ -205,7 +203,7 @@ async def _run(
             await session.run()
             return
         except CdcBridgeError as exc:
-            streamed = streamed or session.streaming
+            streamed = streamed or session.established
             # Before the first stream, an error is most likely a setup problem: say so
             # and exit. Afterwards, lost connections are retried.
             if not exc.retriable or not streamed:
@@ -238,7 +236,7 @@ class _Session:
         self.stop = stop
         self.stats = stats
         self.metrics = metrics
-        self.streaming = False
+        self.established = False  # setup done: standing by or streaming
         self.progress = asyncio.Event()
         self.checkpointer: Checkpointer | None = None
 
@@ -296,7 +294,7 @@ class _Session:
                 stream_position=hint,
                 recreate_slot=pg.recreate_slot,
             )
-            opened = await self._take_slot(confirmed)
+            opened = await self._take_slot(confirmed, sink)
             if opened is None:
                 return  # stopped while standing by
             source, start = opened
@@ -315,7 +313,6 @@ class _Session:
                     )
                 self.checkpointer = Checkpointer(start, on_advance=self.progress.set)
                 metrics.checkpoint = self.checkpointer
-                self.streaming = True
                 await self._stream(state, source, sink, self.checkpointer, stored)
             finally:
                 await source.close()
@@ -323,13 +320,19 @@ class _Session:
             metrics.standby_reason = None
             await sink.close()
 
-    async def _take_slot(self, confirmed: int) -> tuple[ReplicationSource, int] | None:
+    async def _take_slot(
+        self, confirmed: int, sink: JetStreamSink[TransactionTicket]
+    ) -> tuple[ReplicationSource, int] | None:
         """Open the replication stream; while another process has the slot, stand by."""
         settings, metrics = self.settings, self.metrics
         pg = settings.postgres
         interval = settings.reconnect.standby_interval
         waited = False
+        # Setup has worked: from here on a lost connection is retried, not fatal.
+        self.established = True
         while True:
+            sink.raise_if_failed()  # a standby that lost NATS starts over
+            metrics.last_progress = time.monotonic()
             try:
                 source = await ReplicationSource.open(
                     settings.conninfo(),

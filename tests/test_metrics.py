@@ -207,9 +207,7 @@ async def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
 async def test_http_endpoints() -> None:
     registry = CollectorRegistry()
     metrics = BridgeMetrics(registry, max_in_flight=5)
-    server = HttpServer(
-        host="127.0.0.1", port=0, registry=registry, readiness=metrics.readiness_problem
-    )
+    server = HttpServer(host="127.0.0.1", port=0, registry=registry, readiness=metrics.readiness)
     await server.start()
     try:
         port = server.port
@@ -253,7 +251,9 @@ async def test_http_endpoints() -> None:
 
 async def test_http_server_survives_a_silent_client() -> None:
     registry = CollectorRegistry()
-    server = HttpServer(host="127.0.0.1", port=0, registry=registry, readiness=lambda: None)
+    server = HttpServer(
+        host="127.0.0.1", port=0, registry=registry, readiness=lambda: (True, "ready")
+    )
     await server.start()
     try:
         _, idle = await asyncio.open_connection("127.0.0.1", server.port)  # sends nothing
@@ -262,3 +262,24 @@ async def test_http_server_survives_a_silent_client() -> None:
         idle.close()
     finally:
         await server.close()
+
+
+def test_a_standby_is_ready_while_it_keeps_trying_with_nats_connected() -> None:
+    metrics = BridgeMetrics(ready_timeout=60)
+    metrics.standby_reason = "standing by: replication slot 'x' is in use by another process"
+    assert metrics.readiness(now=100) == (False, "standing by, but not connected to NATS")
+    metrics.sink = FakeSink()
+    metrics.last_progress = 50.0
+    assert metrics.readiness(now=100) == (
+        True,
+        "ready, standing by: replication slot 'x' is in use by another process",
+    )
+    assert metrics.readiness(now=111) == (
+        False,
+        "standing by, but no attempt to take the slot for 61s",
+    )
+    metrics.standby_reason = None  # took over: the streaming rules apply again
+    assert metrics.readiness(now=100) == (
+        False,
+        "the replication stream from PostgreSQL is not open",
+    )
