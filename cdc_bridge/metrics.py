@@ -313,6 +313,10 @@ class BridgeCollector(Collector):
             "message, or per atomic batch)",
         )
         caught_up = max(m.acked_commit_time, m.caught_up_time)
+        if m.standby_reason is not None:
+            # Whatever this process measured while it streamed is stale now.
+            caught_up = 0.0
+            checkpoint = None
         if caught_up:
             yield _gauge(
                 "cdc_bridge_replication_lag_seconds",

@@ -8,11 +8,12 @@ confirmed LSN.
 
 A *session* is one pass of: connect to NATS, check the database, ensure stream,
 publication and slot, take the slot (standing by while another process holds it), read
-back the last message this slot stored in the stream, then stream. When a connection is
-lost after setup has once succeeded (standing by or streaming), the session ends and a new one starts after a capped,
-jittered backoff: WAL is re-read from the slot's confirmed position, and every change at
-or before the read-back position is skipped, so nothing is lost and nothing duplicated.
-Errors in the first session, and errors no retry can fix, end the bridge instead.
+back what this slot already stored in the stream, then stream. When a connection is lost
+after setup has once succeeded (standing by or streaming), the session ends and a new
+one starts after a capped, jittered backoff: WAL is re-read from the slot's confirmed
+position, and what the stream already holds is not sent again, so nothing is lost and
+nothing duplicated. Errors in the first setup, and errors no retry can fix, end the
+bridge instead.
 
 Shutdown (SIGTERM/SIGINT → ``stop``): stop reading, wait for in-flight PubAcks (bounded
 by ``shutdown_timeout``), send a final status update, return.

@@ -153,6 +153,7 @@ KNOWN_KINDS = {
     "ServiceAccount",
     "Service",
     "NetworkPolicy",
+    "PodDisruptionBudget",
     *CRD_SCHEMAS,
 }
 
@@ -225,12 +226,13 @@ DEFAULT = load_values(CHART / "ci" / "default-values.yaml")
 ids = [p.name for p in CI_VALUES]
 
 
-#: The Deployment strategy per replicaCount. One pod: Recreate. Two (hot standby): the
-#: standby is never ready and a new pod cannot get ready while an old one holds the
-#: slot, so the rollout must be allowed to stop every old pod at once.
+#: The Deployment strategy per replicaCount. One pod: Recreate (the old pod releases the
+#: slot before the new one starts). Two (hot standby): a standby is ready, so a new pod
+#: is started and must be ready (standing by) before an old one is stopped; whenever the
+#: active pod stops, a ready standby takes the slot.
 STRATEGIES = {
     1: {"type": "Recreate"},
-    2: {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}},
+    2: {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
 }
 
 
@@ -295,6 +297,10 @@ def test_deployment_promises(chart: helm.Chart, values_file: Path) -> None:
     replicas = merged["replicaCount"]
     assert deployment["spec"]["replicas"] == replicas
     assert deployment["spec"]["strategy"] == STRATEGIES[replicas]
+    # A PodDisruptionBudget exactly for a hot standby (unless turned off).
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    wants_pdb = replicas == 2 and merged["podDisruptionBudget"]["enabled"]
+    assert len(pdbs) == (1 if wants_pdb else 0), values_file.name
     # Service links would inject CDC_BRIDGE_SERVICE_HOST & co., which the bridge rejects.
     assert pod["enableServiceLinks"] is False
 
@@ -408,9 +414,8 @@ def test_two_replicas_are_a_hot_standby(chart: helm.Chart) -> None:
     values = with_values(DEFAULT, "replicaCount", 2)
     deployment = only(render(chart, values), "Deployment")
     assert deployment["spec"]["replicas"] == 2
-    # maxUnavailable below 100% would deadlock: the controller keeps the old active pod
-    # until a new pod is ready, and the new pod stands by (not ready) until the old one
-    # releases the slot.
+    # The standby is ready: a new pod surges in and stands by before an old one stops,
+    # never fewer than two ready pods, so a take-over never waits for a pod start.
     assert deployment["spec"]["strategy"] == STRATEGIES[2]
     # Active and standby preferably on different nodes.
     pod = deployment["spec"]["template"]["spec"]
@@ -425,6 +430,23 @@ def test_two_replicas_are_a_hot_standby(chart: helm.Chart) -> None:
     ]
     assert "hot standby" in notes
     assert "standing by" in notes
+    assert "not ready" not in notes
+
+
+def test_two_replicas_get_a_disruption_budget(chart: helm.Chart) -> None:
+    values = with_values(DEFAULT, "replicaCount", 2)
+    docs = render(chart, values)
+    pdb = only(docs, "PodDisruptionBudget")
+    # One eviction at a time: a bridge is always left to take the slot. maxUnavailable
+    # (not minAvailable) so a not-ready pod can still be evicted while the other is ready.
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": only(docs, "Deployment")["spec"]["selector"]["matchLabels"]},
+    }
+    off = with_values(values, "podDisruptionBudget.enabled", False)
+    assert "PodDisruptionBudget" not in kinds(render(chart, off))
+    # One pod: no budget (maxUnavailable 1 allows everything, minAvailable 1 blocks drains).
+    assert "PodDisruptionBudget" not in kinds(render(chart, DEFAULT))
 
 
 def test_own_affinity_replaces_the_spreading(chart: helm.Chart) -> None:
@@ -435,7 +457,8 @@ def test_own_affinity_replaces_the_spreading(chart: helm.Chart) -> None:
 
 
 def test_standby_does_not_trip_the_connection_alerts(chart: helm.Chart) -> None:
-    """A standby never has the replication stream open: the alerts must not count it."""
+    """A standby never has the replication stream open and may keep a stale lag from when
+    it streamed: the alerts must not count it."""
     values = with_values(load_values(CHART / "ci" / "full-values.yaml"), "replicaCount", 2)
     rules = [
         r
@@ -445,7 +468,9 @@ def test_standby_does_not_trip_the_connection_alerts(chart: helm.Chart) -> None:
     alerts = {r["alert"]: r["expr"] for r in rules}
     assert alerts["CdcBridgeSourceDisconnected"].startswith("max(cdc_bridge_source_connected{")
     assert "unless on(instance) cdc_bridge_standby{" in alerts["CdcBridgeSinkDisconnected"]
-    # The Deployment has one available pod with a standby: that is healthy.
+    assert alerts["CdcBridgeReplicationLagHigh"].startswith("max(cdc_bridge_replication_lag_")
+    assert "unless on(instance) cdc_bridge_standby{" in alerts["CdcBridgeReplicationLagHigh"]
+    # Fires only when no pod is ready (a ready standby counts as available).
     assert "replicas_available" in alerts["CdcBridgeNotReady"]
     assert alerts["CdcBridgeNotReady"].endswith("< 1")
 

@@ -107,6 +107,12 @@ def test_live_gauges_and_lag() -> None:
     assert value(registry, "cdc_bridge_replication_lag_seconds") < 1
     metrics.server_wal_end = 900  # confirmed past the last keepalive: no negative lag
     assert value(registry, "cdc_bridge_replication_lag_bytes") == 0
+    # Standing by (after streaming once): the old session's numbers are not reported.
+    metrics.standby_reason = "standing by: slot in use"
+    found = samples(registry)
+    assert value(registry, "cdc_bridge_standby") == 1
+    for gone in ("replication_lag_seconds", "replication_lag_bytes", "confirmed_lsn"):
+        assert not any(name == f"cdc_bridge_{gone}" for name, _ in found), gone
 
 
 def test_light_histogram_uses_le_buckets() -> None:
