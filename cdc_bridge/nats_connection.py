@@ -138,12 +138,18 @@ def describe_error(cfg: NatsSettings, exc: BaseException) -> str:
         # With TLS 1.3 a server that wants a client certificate (tls { verify: true })
         # and does not like ours (or gets none) drops the connection after the handshake;
         # depending on timing the client sees a reset or, while writing, a broken pipe.
-        hint = (
-            "the server may require a TLS client certificate: set nats.tls_cert_file and "
-            "nats.tls_key_file; else check nats.url and that nats-server is running"
-            if cfg.tls_cert_file is None
-            else "check that the server trusts the CA of nats.tls_cert_file"
+        uses_tls = any(u.strip().startswith("tls://") for u in cfg.url.split(",")) or (
+            cfg.tls_ca_file is not None or cfg.tls_cert_file is not None
         )
+        if not uses_tls:
+            hint = "check nats.url, that nats-server is running and the network to it"
+        elif cfg.tls_cert_file is None:
+            hint = (
+                "the server may require a TLS client certificate: set nats.tls_cert_file and "
+                "nats.tls_key_file; else check nats.url and that nats-server is running"
+            )
+        else:
+            hint = "check that the server trusts the CA of nats.tls_cert_file"
         return f"{where}: connection closed by the server ({hint})"
     if isinstance(exc, TimeoutError):
         hint = (

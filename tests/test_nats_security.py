@@ -460,3 +460,15 @@ async def test_an_unreadable_seed_file_is_named(tmp_path: Path) -> None:
     settings = NatsSettings(url="nats://127.0.0.1:1", connect_timeout=0.5, nkey_seed_file=seed)
     with pytest.raises(SinkError, match=r"invalid seed \(check nats.nkey_seed_file"):
         await _roundtrip(settings)
+
+
+def test_a_reset_without_tls_points_at_the_network_not_at_certificates() -> None:
+    from cdc_bridge.nats_connection import describe_error
+
+    plain = NatsSettings(url="nats://127.0.0.1:4222")
+    assert describe_error(plain, ConnectionResetError()) == (
+        "cannot connect to NATS at nats://127.0.0.1:4222: connection closed by the server "
+        "(check nats.url, that nats-server is running and the network to it)"
+    )
+    tls = NatsSettings(url="tls://127.0.0.1:4222")
+    assert "may require a TLS client certificate" in describe_error(tls, ConnectionResetError())
