@@ -307,6 +307,16 @@ class JetStreamSink(Generic[Ticket]):
                 subject=subject,
             )
 
+    async def _admit(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """Check a message and wait until the window has room for it; return its size."""
+        self.raise_if_failed()
+        self._check_subject(subject)
+        size = self.message_size(subject, body, headers)
+        self._check_size(subject, size)
+        await self._wait_for_room(size)
+        self.raise_if_failed()
+        return size
+
     async def _wait_for_room(self, size: int) -> None:
         # Something in flight must make room; a message larger than the byte window
         # alone still goes out once the window is empty.
@@ -327,12 +337,7 @@ class JetStreamSink(Generic[Ticket]):
 
     async def publish_batch_member(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
         """Send one message of an open batch (no reply); return its size for the commit."""
-        self.raise_if_failed()
-        self._check_subject(subject)
-        size = self.message_size(subject, body, headers)
-        self._check_size(subject, size)
-        await self._wait_for_room(size)
-        self.raise_if_failed()
+        size = await self._admit(subject, body, headers)
         self._messages += 1
         self._bytes += size
         self._blocked_since = time.monotonic()
@@ -362,12 +367,7 @@ class JetStreamSink(Generic[Ticket]):
 
         ``batch`` is (members, bytes) of the batch this message commits.
         """
-        self.raise_if_failed()
-        self._check_subject(subject)
-        size = self.message_size(subject, body, headers)
-        self._check_size(subject, size)
-        await self._wait_for_room(size)
-        self.raise_if_failed()
+        size = await self._admit(subject, body, headers)
         self._next_id += 1
         token = str(self._next_id)
         members, member_bytes = batch or (0, 0)
