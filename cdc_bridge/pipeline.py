@@ -196,7 +196,7 @@ async def _run(
 ) -> None:
     bind_log_context(slot=settings.postgres.slot)  # on every record of this task and its tasks
     backoff = Backoff(settings.reconnect)
-    streamed = False  # a session once got through setup (standing by or streaming)
+    established = False  # a session once got through setup (standing by or streaming)
     while True:
         session = _Session(settings, stop, stats, metrics)
         started = time.monotonic()
@@ -204,10 +204,10 @@ async def _run(
             await session.run()
             return
         except CdcBridgeError as exc:
-            streamed = streamed or session.established
-            # Before the first stream, an error is most likely a setup problem: say so
-            # and exit. Afterwards, lost connections are retried.
-            if not exc.retriable or not streamed:
+            established = established or session.established
+            # Before setup has once succeeded, an error is most likely a setup problem:
+            # say so and exit. Afterwards, lost connections are retried.
+            if not exc.retriable or not established:
                 raise
             error = exc
         if time.monotonic() - started > settings.reconnect.max_delay:
