@@ -423,7 +423,9 @@ def _ensure_slot(
     if wal_status == "lost":
         raise SetupError(
             f"replication slot {slot!r} is invalidated (wal_status = lost): the WAL it needed "
-            "was removed and changes were lost; drop and recreate the slot, then re-snapshot"
+            f"was removed and changes were lost. Drop it (SELECT pg_drop_replication_slot("
+            f"'{slot}')), start once with postgres.recreate_slot: true, and backfill the "
+            "tables; raise max_slot_wal_keep_size so it does not happen again"
         )
     return parse_lsn(str(confirmed)), False
 

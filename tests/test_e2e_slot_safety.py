@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from nats.js.api import StreamConfig
 
-from cdc_bridge.local_servers import LocalNats, start_nats
+from cdc_bridge.local_servers import LocalNats, start_nats, start_postgres
 from cdc_bridge.lsn import parse_lsn
 from tests.fixtures.bridge import (
     BridgeProcess,
@@ -230,3 +230,41 @@ def test_a_message_refused_by_the_stream_is_resent_after_the_fix_not_skipped(
     if len(before) > 1:  # later rows were stored before the refusal stopped the bridge
         assert ids == [*before, 2, *range(len(before) + 2, 11)]
         assert "re-sending 0/" in bridge.log_text()
+
+
+def test_an_invalidated_slot_stops_the_bridge_with_what_to_do(
+    nats: Any, stream_name: str, tmp_path: Path
+) -> None:
+    server = start_postgres(settings={"max_slot_wal_keep_size": "1MB"})
+    try:
+        dsn = server.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+            conn.execute("SELECT pg_create_logical_replication_slot('cdc_bridge', 'pgoutput')")
+            # More WAL than the slot may keep, then a checkpoint: PostgreSQL gives it up.
+            for _ in range(4):
+                conn.execute(
+                    "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g"
+                )
+                conn.execute("DELETE FROM t")
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            status = conn.execute(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'cdc_bridge'"
+            ).fetchone()
+            assert status == ("lost",)
+        bridge = BridgeProcess(_config(tmp_path, dsn, nats.url, stream_name), tmp_path / "b.log")
+        bridge.start(wait_streaming=False)
+        try:
+            last = _exit_line(bridge)
+        finally:
+            bridge.stop_quietly()
+        assert last == (
+            "cdc-bridge: error: replication slot 'cdc_bridge' is invalidated (wal_status = lost): "
+            "the WAL it needed was removed and changes were lost. Drop it (SELECT "
+            "pg_drop_replication_slot('cdc_bridge')), start once with postgres.recreate_slot: "
+            "true, and backfill the tables; raise max_slot_wal_keep_size so it does not happen "
+            "again"
+        )
+    finally:
+        server.cleanup()

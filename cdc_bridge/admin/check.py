@@ -248,7 +248,7 @@ def _slot_check(settings: Settings, slot: database.SlotInfo | None) -> Check:
         return _fail(
             name,
             f"{state}: invalidated, the WAL it needed was removed and changes were lost",
-            f"{drop} then cdc-bridge setup, and re-snapshot the tables",
+            f"{drop} then start once with postgres.recreate_slot: true, and backfill the tables",
         )
     if slot.wal_status == "unreserved":
         return _warn(
