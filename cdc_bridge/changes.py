@@ -39,6 +39,7 @@ __all__ = [
     "ChangeAssembler",
     "MessageEvent",
     "Op",
+    "SchemaChange",
     "TableInfo",
     "TransactionBegin",
     "TransactionEnd",
@@ -61,6 +62,10 @@ class TableInfo:
     key_names: tuple[str, ...]
     identity_names: frozenset[str]
     replica_identity: str
+    #: The name this table has in ``tables:``, kept when it is renamed while streaming.
+    config_name: str | None = None
+    #: atttypmod of each column (-1: none), e.g. the length of a varchar(20).
+    type_modifiers: tuple[int, ...] = ()
 
     @property
     def qualified_name(self) -> str:
@@ -97,6 +102,70 @@ class Change:
     xid: int
     commit_ts: int
     index: int
+    #: TRUNCATE only: (CASCADE, RESTART IDENTITY) as given in the statement.
+    truncate_options: tuple[bool, bool] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaChange:
+    """A table's shape changed while streaming (a new Relation message for a known OID).
+
+    It arrives inside the transaction whose first change uses the new shape, so it
+    reaches the stream right before that change. ``number`` counts the schema changes of
+    the same table in that transaction, to keep their message ids apart.
+    """
+
+    before: TableInfo
+    after: TableInfo
+    lsn: int
+    commit_lsn: int
+    xid: int
+    commit_ts: int
+    number: int
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        """Old → new name of renamed columns.
+
+        pgoutput sends no column numbers, so a rename is inferred: same column count,
+        and at one position a new name with the old type.
+        """
+        before, after = self.before, self.after
+        if len(before.column_names) != len(after.column_names):
+            return {}
+        return {
+            old: new
+            for old, new, old_type, new_type in zip(
+                before.column_names,
+                after.column_names,
+                before.type_oids,
+                after.type_oids,
+                strict=True,
+            )
+            if old != new
+            and old_type == new_type
+            and new not in before.column_names
+            and old not in after.column_names
+        }
+
+    @property
+    def added(self) -> list[str]:
+        old = set(self.before.column_names) | set(self.renamed.values())
+        return [name for name in self.after.column_names if name not in old]
+
+    @property
+    def dropped(self) -> list[str]:
+        new = set(self.after.column_names) | set(self.renamed)
+        return [name for name in self.before.column_names if name not in new]
+
+    @property
+    def type_changed(self) -> list[str]:
+        old = dict(zip(self.before.column_names, self.before.type_oids, strict=True))
+        return [
+            name
+            for name, type_oid in zip(self.after.column_names, self.after.type_oids, strict=True)
+            if name in old and old[name] != type_oid
+        ]
 
 
 @dataclass(slots=True)
@@ -113,7 +182,7 @@ class MessageEvent:
     index: int
 
 
-Event = TransactionBegin | TransactionEnd | Change | MessageEvent
+Event = TransactionBegin | TransactionEnd | Change | MessageEvent | SchemaChange
 
 _NONE: Final[tuple[Event, ...]] = ()
 
@@ -124,6 +193,7 @@ class _OpenTransaction:
     commit_lsn: int
     commit_ts: int
     next_index: int = 0
+    schema_changes: dict[int, int] = field(default_factory=dict)  # OID → how many so far
 
 
 @dataclass
@@ -137,6 +207,11 @@ class ChangeAssembler:
 
     key_columns: Mapping[str, Sequence[str]] = field(default_factory=dict)
     tables: dict[int, TableInfo] = field(default_factory=dict)
+    #: OID → configured name, so that a table renamed while streaming keeps its config.
+    config_names: dict[int, str] = field(default_factory=dict)
+    #: Tables whose key is the default (primary key or identity index), not configured
+    #: with ``tables.<t>.key``: their key follows a key change while streaming.
+    default_keys: frozenset[str] = frozenset()
     _transaction: _OpenTransaction | None = None
 
     @property
@@ -162,8 +237,27 @@ class ChangeAssembler:
             return (TransactionEnd(message.commit_lsn, message.end_lsn),)
         if kind is Relation:
             assert isinstance(message, Relation)
-            self.tables[message.oid] = self._table_info(message)
-            return _NONE
+            info = self._table_info(message)
+            previous = self.tables.get(message.oid)
+            self.tables[message.oid] = info
+            transaction = self._transaction
+            if previous is None or transaction is None or _same_shape(previous, info):
+                # pgoutput also re-sends an unchanged Relation (a new session, a cache
+                # flush): only a different shape is a schema change.
+                return _NONE
+            number = transaction.schema_changes.get(message.oid, 0)
+            transaction.schema_changes[message.oid] = number + 1
+            return (
+                SchemaChange(
+                    before=previous,
+                    after=info,
+                    lsn=lsn,
+                    commit_lsn=transaction.commit_lsn,
+                    xid=transaction.xid,
+                    commit_ts=transaction.commit_ts,
+                    number=number,
+                ),
+            )
         if kind is Truncate:
             assert isinstance(message, Truncate)
             return self._truncate(message, lsn)
@@ -177,7 +271,19 @@ class ChangeAssembler:
     def _table_info(self, relation: Relation) -> TableInfo:
         names = tuple(column.name for column in relation.columns)
         qualified = f"{relation.namespace}.{relation.name}"
-        configured = self.key_columns.get(qualified)
+        config_name = self.config_names.get(relation.oid)
+        if config_name is None and qualified in self.key_columns:
+            config_name = self.config_names[relation.oid] = qualified
+        configured = self.key_columns.get(config_name) if config_name else None
+        if (
+            configured
+            and config_name in self.default_keys
+            and relation.replica_identity in ("d", "i")
+        ):
+            # A key that defaults to the primary key (or identity index) follows it when
+            # it changes: under these identities PostgreSQL flags exactly those columns.
+            # Under FULL (every column flagged) and NOTHING the key found at start stays.
+            configured = None
         if configured:
             key_names = tuple(configured)
         else:
@@ -192,6 +298,8 @@ class ChangeAssembler:
             key_names=key_names,
             identity_names=frozenset(c.name for c in relation.columns if c.is_key),
             replica_identity=relation.replica_identity,
+            config_name=config_name,
+            type_modifiers=tuple(column.type_modifier for column in relation.columns),
         )
 
     def _context(self, what: str) -> _OpenTransaction:
@@ -263,6 +371,7 @@ class ChangeAssembler:
                     xid=transaction.xid,
                     commit_ts=transaction.commit_ts,
                     index=transaction.next_index,
+                    truncate_options=(message.cascade, message.restart_identity),
                 )
             )
             transaction.next_index += 1
@@ -295,6 +404,19 @@ class ChangeAssembler:
             commit_ts=None,
             index=0,
         )
+
+
+def _same_shape(a: TableInfo, b: TableInfo) -> bool:
+    return (
+        a.schema == b.schema
+        and a.table == b.table
+        and a.column_names == b.column_names
+        and a.type_oids == b.type_oids
+        and a.type_modifiers == b.type_modifiers
+        and a.key_names == b.key_names
+        and a.identity_names == b.identity_names
+        and a.replica_identity == b.replica_identity
+    )
 
 
 def _convert_row(table: TableInfo, values: TupleData, toast: list[str]) -> Row:

@@ -50,13 +50,17 @@ from cdc_bridge.routing import SubjectTemplate, subject_is_covered
 __all__ = [
     "ENV_PREFIX",
     "HEARTBEAT_SUBJECT",
+    "HashMask",
+    "HashSalt",
     "HeartbeatSettings",
     "LogicalMessageSettings",
+    "MaskRule",
     "MetricsSettings",
     "NatsSettings",
     "PostgresSettings",
     "Settings",
     "TableSettings",
+    "TruncateMask",
     "load_settings",
 ]
 
@@ -344,20 +348,187 @@ class NatsSettings(_Section):
         return value
 
 
+#: Shortest hash salt accepted: a short one could be guessed, and with it every value.
+MIN_SALT_LENGTH = 16
+
+_OPS: tuple[Literal["insert", "update", "delete", "truncate"], ...] = (
+    "insert",
+    "update",
+    "delete",
+    "truncate",
+)
+
+
+class HashSalt(_Section):
+    """Where the secret salt of a ``hash`` mask comes from: never the YAML itself."""
+
+    salt_env: str | None = Field(default=None, description="environment variable holding it")
+    salt_file: Path | None = Field(default=None, description="file holding it (a mounted secret)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HashSalt:
+        if (self.salt_env is None) == (self.salt_file is None):
+            raise ValueError("give the salt as exactly one of salt_env or salt_file")
+        if self.salt_env is not None and self.salt_env.upper().startswith(ENV_PREFIX):
+            raise ValueError(
+                f"salt_env {self.salt_env!r}: names starting with {ENV_PREFIX} are reserved "
+                "for settings; use another name (e.g. CDC_MASK_SALT)"
+            )
+        self.salt()  # the secret must be there now, not at the first change
+        return self
+
+    def salt(self) -> SecretStr:
+        """The salt; ValueError naming the variable or file if it is missing or too short."""
+        if self.salt_env is not None:
+            value = os.environ.get(self.salt_env)
+            where = f"environment variable {self.salt_env}"
+            if value is None:
+                raise ValueError(f"{where} is not set")
+        else:
+            assert self.salt_file is not None
+            where = f"salt_file {str(self.salt_file)!r}"
+            try:
+                value = self.salt_file.expanduser().read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    f"cannot read {where}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+        if len(value) < MIN_SALT_LENGTH:
+            raise ValueError(
+                f"the salt in {where} is {len(value)} characters; use at least "
+                f"{MIN_SALT_LENGTH} random ones (e.g. openssl rand -hex 32)"
+            )
+        return SecretStr(value)
+
+
+class HashMask(_Section):
+    """``{hash: {salt_env: VAR}}``: hex HMAC-SHA256 of the value under a secret salt."""
+
+    hash: HashSalt
+
+
+class TruncateMask(_Section):
+    """``{truncate: N}``: the first N characters of the value."""
+
+    truncate: int = Field(ge=1)
+
+
+MaskRule = Literal["redact"] | HashMask | TruncateMask
+
+
+def _mask_rule(value: object) -> object:
+    """A mask rule as its model, with a one-line error for a wrong one.
+
+    Parsed here rather than by pydantic's union, whose error would list every branch.
+    """
+    if isinstance(value, HashMask | TruncateMask) or value == "redact":
+        return value
+    usage = "use redact, {hash: {salt_env: VAR}} or {truncate: N}"
+    if isinstance(value, str):
+        raise ValueError(f"unknown mask {value!r}: {usage}")
+    if not isinstance(value, dict) or len(value) != 1 or not {"hash", "truncate"} >= value.keys():
+        raise ValueError(f"mask {value!r}: {usage}")
+    model = HashMask if "hash" in value else TruncateMask
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
 class TableSettings(_Section):
-    """How one table's changes are routed."""
+    """How one table's changes are routed, and which of them (and which columns) leave."""
 
     subject: str = Field(
         default="cdc.{schema}.{table}.{op}",
         description="subject template; placeholders: {schema} {table} {op} and column names",
     )
     key: list[str] | None = Field(default=None, description="key columns; default: the primary key")
+    columns: list[str] | None = Field(
+        default=None, description="publish only these columns; null: all (key columns always)"
+    )
+    exclude_columns: list[str] = Field(
+        default_factory=list, description="columns that never leave the bridge"
+    )
+    mask: dict[str, MaskRule] = Field(
+        default_factory=dict,
+        description="column → redact | {hash: {salt_env|salt_file}} | {truncate: N}",
+    )
+    where: str | None = Field(
+        default=None,
+        description="row filter: a publication WHERE expression (PostgreSQL 15 or newer)",
+    )
+    ops: list[Literal["insert", "update", "delete", "truncate"]] = Field(
+        default_factory=lambda: list(_OPS), description="the kinds of change to publish"
+    )
 
     @field_validator("subject")
     @classmethod
     def _template(cls, value: str) -> str:
         SubjectTemplate(value)  # raises ValueError with the reason
         return value
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _mask_shapes(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        rules = {}
+        for column, rule in value.items():
+            try:
+                rules[column] = _mask_rule(rule)
+            except ValueError as exc:
+                raise ValueError(f"column {column!r}: {exc}") from None
+        return rules
+
+    @field_validator("columns", "exclude_columns", "ops")
+    @classmethod
+    def _no_duplicates(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        if info.field_name in ("columns", "ops") and not value:
+            raise ValueError("give at least one, or leave the key out")
+        twice = sorted({item for item in value if value.count(item) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]!r} is listed twice")
+        return value
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the row filter is empty: leave the key out to publish every row")
+        return value
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> TableSettings:
+        published = set(self.columns) if self.columns is not None else None
+        excluded = set(self.exclude_columns)
+        for column in self.mask:
+            if column in excluded or (published is not None and column not in published):
+                raise ValueError(f"mask names column {column!r}, which is not published")
+        placeholders = SubjectTemplate(self.subject).placeholders - {"schema", "table", "op"}
+        for what, names in (("key", self.key or []), ("subject", sorted(placeholders))):
+            for column in names:
+                if column in excluded or (published is not None and column not in published):
+                    raise ValueError(
+                        f"{what} column {column!r} is not published (key and subject columns "
+                        "always leave the bridge; mask it with hash instead)"
+                    )
+                rule = self.mask.get(column)
+                if what == "key" and rule is not None and not isinstance(rule, HashMask):
+                    raise ValueError(
+                        f"key column {column!r} may only be masked with hash (redact or "
+                        "truncate would make different rows share a key)"
+                    )
+                if what == "subject" and rule == "redact":
+                    raise ValueError(
+                        f"subject column {column!r} is redacted: every change would go to one "
+                        "subject (use hash, or route by another column)"
+                    )
+        return self
 
 
 class LogicalMessageSettings(_Section):
@@ -366,6 +537,9 @@ class LogicalMessageSettings(_Section):
     publish: bool = Field(default=False, description="publish logical decoding messages")
     subject: str = Field(
         default="cdc.message.{prefix}", description="subject template; placeholder: {prefix}"
+    )
+    prefixes: list[str] | None = Field(
+        default=None, description="publish only messages with these prefixes; null: all"
     )
 
     @field_validator("subject")
@@ -390,6 +564,28 @@ class MetricsSettings(_Section):
         description="seconds without progress (a frame from PostgreSQL, a PubAck) after "
         "which /readyz fails",
     )
+
+
+class SchemaChangeSettings(_Section):
+    """Events published when a table's shape changes while streaming."""
+
+    publish: bool = Field(
+        default=False, description="publish an event when a table's columns or key change"
+    )
+    subject: str = Field(
+        default="cdc.schema.{schema}.{table}",
+        description="subject template; placeholders: {schema} {table}",
+    )
+
+    @field_validator("subject")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        unknown = SubjectTemplate(value).placeholders - {"schema", "table"}
+        if unknown:
+            raise ValueError(
+                f"only {{schema}} and {{table}} may be used here, not {sorted(unknown)}"
+            )
+        return value
 
 
 #: Where heartbeat messages go when ``heartbeat.publish`` is true.
@@ -426,6 +622,68 @@ class ReconnectSettings(_Section):
     )
 
 
+_WAL2JSON_OPTIONS = (
+    "include_xids",
+    "include_timestamp",
+    "include_lsn",
+    "include_type_oids",
+    "transaction_markers",
+)
+_DEBEZIUM_OPTIONS = ("transaction_block",)  # name: harmless, only debezium reads it
+
+
+class EnvelopeSettings(_Section):
+    """The JSON body of row-change messages: native, wal2json- or Debezium-compatible."""
+
+    format: Literal["native", "wal2json", "debezium"] = Field(
+        default="native",
+        description="native (README), wal2json (format-version 2) or debezium (JSON, no schema)",
+    )
+    include_xids: bool = Field(default=False, description="wal2json: add the xid")
+    include_timestamp: bool = Field(default=False, description="wal2json: add the commit time")
+    include_lsn: bool = Field(default=False, description="wal2json: add the change's LSN")
+    include_type_oids: bool = Field(
+        default=False, description="wal2json: add each column's type OID"
+    )
+    transaction_markers: bool = Field(
+        default=False,
+        description="wal2json: publish {action: B} and {action: C} around each transaction",
+    )
+    markers_subject: str = Field(
+        default="cdc.transactions",
+        description="where the wal2json transaction markers go (a plain subject)",
+    )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="debezium: source.name (Debezium's topic.prefix); default: the slot name",
+    )
+    transaction_block: bool = Field(
+        default=False,
+        description="debezium: fill the transaction block (provide.transaction.metadata)",
+    )
+
+    @field_validator("markers_subject")
+    @classmethod
+    def _markers_subject(cls, value: str) -> str:
+        if SubjectTemplate(value).placeholders:  # also raises ValueError on a bad subject
+            raise ValueError("use a plain subject here, without {placeholders}")
+        return value
+
+    @model_validator(mode="after")
+    def _options_of_format(self) -> EnvelopeSettings:
+        for names, owner in ((_WAL2JSON_OPTIONS, "wal2json"), (_DEBEZIUM_OPTIONS, "debezium")):
+            if self.format == owner:
+                continue
+            for name in names:
+                if getattr(self, name):
+                    raise ValueError(
+                        f"{name} is an option of format {owner}, not {self.format}: "
+                        f"set format: {owner} or remove {name}"
+                    )
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration of one bridge process."""
 
@@ -440,9 +698,11 @@ class Settings(BaseSettings):
     nats: NatsSettings = NatsSettings()
     tables: dict[str, TableSettings] = Field(min_length=1)
     messages: LogicalMessageSettings = LogicalMessageSettings()
+    schema_changes: SchemaChangeSettings = SchemaChangeSettings()
     metrics: MetricsSettings = MetricsSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     reconnect: ReconnectSettings = ReconnectSettings()
+    envelope: EnvelopeSettings = EnvelopeSettings()
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
     )
@@ -461,6 +721,10 @@ class Settings(BaseSettings):
         templates = {f"tables.{n}.subject": t.subject for n, t in self.tables.items()}
         if self.messages.publish:
             templates["messages.subject"] = self.messages.subject
+        if self.schema_changes.publish:
+            templates["schema_changes.subject"] = self.schema_changes.subject
+        if self.envelope.transaction_markers:
+            templates["envelope.markers_subject"] = self.envelope.markers_subject
         if self.heartbeat.publish:
             templates["heartbeat.publish"] = HEARTBEAT_SUBJECT
         if self.nats.oversized == "dead-letter":

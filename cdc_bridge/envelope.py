@@ -7,6 +7,16 @@ Change::
      "unchanged_toast": [...],
      "source": {"slot", "lsn", "commit_lsn", "xid", "commit_ts", "index"}}
 
+A TRUNCATE also carries ``"truncate": {"cascade": bool, "restart_identity": bool}``.
+
+Schema change (a table's shape changed while streaming)::
+
+    {"op": "schema", "schema", "table", "oid", "columns": [{"name", "type_oid", "key"}],
+     "replica_identity": "default|full|index|nothing",
+     "previous": {"schema", "table", "columns": [...], "replica_identity"},
+     "added": [...], "dropped": [...], "renamed": {"old": "new"}, "type_changed": [...],
+     "source": {...no index...}}
+
 Logical decoding message::
 
     {"op": "message", "prefix": "...", "content": "...", "content_encoding": "utf-8|base64",
@@ -24,11 +34,11 @@ from typing import Any
 
 import orjson
 
-from cdc_bridge.changes import Change, MessageEvent
+from cdc_bridge.changes import Change, MessageEvent, SchemaChange, TableInfo
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.pgoutput import pg_timestamp_to_iso
 
-__all__ = ["encode_change", "encode_message", "transaction_strings"]
+__all__ = ["encode_change", "encode_message", "encode_schema_change", "transaction_strings"]
 
 
 @lru_cache(maxsize=64)
@@ -58,18 +68,57 @@ def _source(
 def encode_change(change: Change, slot: str) -> bytes:
     """The native envelope of a row change, as JSON bytes."""
     table = change.table
+    body = {
+        "op": change.op,
+        "schema": table.schema,
+        "table": table.table,
+        "key": change.key,
+        "after": change.after,
+        "before": change.before,
+        "unchanged_toast": change.unchanged_toast,
+        "source": _source(
+            slot, change.lsn, change.commit_lsn, change.xid, change.commit_ts, change.index
+        ),
+    }
+    if change.truncate_options is not None:
+        cascade, restart_identity = change.truncate_options
+        body["truncate"] = {"cascade": cascade, "restart_identity": restart_identity}
+    return orjson.dumps(body)
+
+
+_REPLICA_IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
+
+
+def _shape(table: TableInfo) -> dict[str, Any]:
+    return {
+        "schema": table.schema,
+        "table": table.table,
+        "columns": [
+            {"name": name, "type_oid": type_oid, "key": name in table.key_names}
+            for name, type_oid in zip(table.column_names, table.type_oids, strict=True)
+        ],
+        "replica_identity": _REPLICA_IDENTITY.get(table.replica_identity, table.replica_identity),
+    }
+
+
+def encode_schema_change(event: SchemaChange, slot: str) -> bytes:
+    """The native envelope of a schema change, as JSON bytes."""
+    after = _shape(event.after)
+    source = _source(slot, event.lsn, event.commit_lsn, event.xid, event.commit_ts, 0)
+    del source["index"]
     return orjson.dumps(
         {
-            "op": change.op,
-            "schema": table.schema,
-            "table": table.table,
-            "key": change.key,
-            "after": change.after,
-            "before": change.before,
-            "unchanged_toast": change.unchanged_toast,
-            "source": _source(
-                slot, change.lsn, change.commit_lsn, change.xid, change.commit_ts, change.index
-            ),
+            "op": "schema",
+            "schema": after.pop("schema"),
+            "table": after.pop("table"),
+            "oid": event.after.oid,
+            **after,
+            "previous": _shape(event.before),
+            "added": event.added,
+            "dropped": event.dropped,
+            "renamed": event.renamed,
+            "type_changed": event.type_changed,
+            "source": source,
         }
     )
 

@@ -172,6 +172,7 @@ class BridgeMetrics:
         self.heartbeats = 0
         self.heartbeat_failures = 0
         self.already_published = 0  # messages skipped: the stream held them (read-back)
+        self.filtered_changes = 0  # left out by tables.<t>.ops
         self.dead_letters = 0
         # Histograms.
         self.publish_duration = LightHistogram(PUBLISH_BUCKETS)
@@ -350,6 +351,11 @@ class BridgeCollector(Collector):
             "cdc_bridge_already_published_messages",
             "messages not re-sent after a restart or reconnect: the stream already held them",
             m.already_published,
+        )
+        yield _counter(
+            "cdc_bridge_filtered_changes",
+            "row changes not published because of tables.<t>.ops",
+            m.filtered_changes,
         )
         yield _counter(
             "cdc_bridge_dead_letters",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -35,11 +36,13 @@ from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import (
     Change,
     ChangeAssembler,
+    SchemaChange,
     TransactionBegin,
     TransactionEnd,
 )
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import HEARTBEAT_SUBJECT, ReconnectSettings, Settings
+from cdc_bridge.envelopes import encoder_from_settings, wal2json_begin, wal2json_commit
 from cdc_bridge.errors import (
     CdcBridgeError,
     ConnectError,
@@ -49,6 +52,7 @@ from cdc_bridge.errors import (
     SlotBusyError,
     SourceError,
 )
+from cdc_bridge.filters import build_filters, mask_kind
 from cdc_bridge.heartbeat import run_heartbeat
 from cdc_bridge.http_server import HttpServer
 from cdc_bridge.logs import bind_log_context
@@ -63,6 +67,8 @@ from cdc_bridge.provisioning import (
     slot_confirmed_lsn,
 )
 from cdc_bridge.readback import (
+    BEGIN_MARKER_INDEX,
+    COMMIT_MARKER_INDEX,
     Position,
     ReadBack,
     is_stored,
@@ -103,6 +109,10 @@ def own_subjects(settings: Settings) -> tuple[str, ...]:
     filters = [SubjectTemplate(t.subject).stream_filter for t in settings.tables.values()]
     if settings.messages.publish:
         filters.append(SubjectTemplate(settings.messages.subject).stream_filter)
+    if settings.schema_changes.publish:
+        filters.append(SubjectTemplate(settings.schema_changes.subject).stream_filter)
+    if settings.envelope.transaction_markers:
+        filters.append(settings.envelope.markers_subject)
     if settings.heartbeat.publish:
         filters.append(HEARTBEAT_SUBJECT)
     if settings.nats.oversized == "dead-letter":
@@ -127,7 +137,14 @@ def stream_spec(settings: Settings) -> StreamSpec:
 
 def table_requests(settings: Settings) -> dict[str, TableRequest]:
     return {
-        name: TableRequest(table.subject, tuple(table.key) if table.key else None)
+        name: TableRequest(
+            table.subject,
+            tuple(table.key) if table.key else None,
+            columns=tuple(table.columns) if table.columns is not None else None,
+            exclude_columns=tuple(table.exclude_columns),
+            masks=tuple((c, mask_kind(rule)) for c, rule in table.mask.items()),
+            where=table.where,
+        )
         for name, table in settings.tables.items()
     }
 
@@ -392,6 +409,15 @@ class _Session:
             slot=slot,
             table_subjects={name: t.subject for name, t in settings.tables.items()},
             message_subject=settings.messages.subject if settings.messages.publish else None,
+            message_prefixes=(
+                frozenset(settings.messages.prefixes)
+                if settings.messages.prefixes is not None
+                else None
+            ),
+            schema_subject=(
+                settings.schema_changes.subject if settings.schema_changes.publish else None
+            ),
+            encoder=encoder_from_settings(settings),
         )
         nats = settings.nats
         publisher = TransactionPublisher(
@@ -409,7 +435,12 @@ class _Session:
                 sink,
                 checkpointer,
                 publisher,
-                ChangeAssembler(key_columns=state.key_columns),
+                ChangeAssembler(
+                    key_columns=state.key_columns,
+                    default_keys=frozenset(
+                        name for name, table in settings.tables.items() if not table.key
+                    ),
+                ),
                 router,
                 heartbeat_router,
                 stats,
@@ -533,6 +564,56 @@ class _Reader:
         self.size_margin = BATCH_HEADER_BYTES if publisher.atomic else 0
         # What the stream holds already of what the slot sends again: not re-sent.
         self.stored = stored
+        envelope = settings.envelope
+        # wal2json's transaction markers: their include_* options, or None when off.
+        self.markers: dict[str, bool] | None = (
+            {
+                "include_xids": envelope.include_xids,
+                "include_timestamp": envelope.include_timestamp,
+                "include_lsn": envelope.include_lsn,
+            }
+            if envelope.transaction_markers
+            else None
+        )
+        self.markers_subject = envelope.markers_subject
+        self.transaction: TransactionBegin | None = None
+        self.begin_marked = False  # the open transaction's B marker went out (or was there)
+        # None when no table filters or masks anything: then changes cost nothing here.
+        self.filters = build_filters(settings.tables)
+
+    async def _open(self, ticket: TransactionTicket) -> None:
+        """Before the first message of a transaction: its B marker, if markers are on.
+
+        Called before that message's read-back check, so that the marker is checked in
+        stream order too (it precedes every message of its transaction).
+        """
+        if self.markers is not None and not self.begin_marked:
+            self.begin_marked = True
+            await self._marker("B", ticket, 0)
+
+    async def _marker(self, kind: str, ticket: TransactionTicket, end_lsn: int) -> None:
+        """wal2json's B or C marker of the open transaction (``envelope.transaction_markers``)."""
+        transaction, options = self.transaction, self.markers
+        assert transaction is not None
+        assert options is not None
+        index = BEGIN_MARKER_INDEX if kind == "B" else COMMIT_MARKER_INDEX
+        if self._already_stored(transaction.commit_lsn, index):
+            return
+        if kind == "B":
+            body = wal2json_begin(
+                transaction.xid, transaction.commit_ts, transaction.commit_lsn, **options
+            )
+        else:
+            body = wal2json_commit(
+                transaction.xid, transaction.commit_ts, transaction.commit_lsn, end_lsn, **options
+            )
+        commit_lsn = format_lsn(transaction.commit_lsn)
+        headers = {
+            "Nats-Msg-Id": f"{self.slot}:{commit_lsn}:{kind}",
+            "Cdc-Op": "begin" if kind == "B" else "commit",
+            "Cdc-Commit-Lsn": commit_lsn,
+        }
+        await self.publisher.add(OutgoingMessage(self.markers_subject, headers, body), ticket)
 
     def _already_stored(self, lsn: int, index: int) -> bool:
         stored = self.stored
@@ -598,6 +679,7 @@ class _Reader:
             self.publisher,
         )
         router, stats, metrics = self.router, self.stats, self.metrics
+        filters = self.filters
         ticket: TransactionTicket | None = None
         unrouted: set[int] = set()  # relations already warned about
         kinds = metrics.pgoutput_messages
@@ -622,6 +704,10 @@ class _Reader:
                 table_ops.pop(message.oid, None)  # its name may have changed
             for event in self.assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
                 if isinstance(event, Change):
+                    # ops, columns, masks; a change left out still ends its transaction.
+                    if filters is not None and not filters.apply(event):
+                        metrics.filtered_changes += 1
+                        continue
                     outgoing = router.route_change(event)
                     if outgoing is None:
                         metrics.skipped_changes += 1
@@ -639,6 +725,7 @@ class _Reader:
                         continue
                     if ticket is None:
                         raise DecodeError("row change outside a transaction")
+                    await self._open(ticket)
                     if self._already_stored(event.commit_lsn, event.index):
                         continue
                     table = event.table.qualified_name
@@ -649,12 +736,35 @@ class _Reader:
                     if ops is None:
                         ops = table_ops[event.table.oid] = metrics.table_ops(table)
                     ops[event.op] += 1
+                elif isinstance(event, SchemaChange):
+                    if filters is not None:  # never show a left-out column, even by name
+                        event = dataclasses.replace(
+                            event,
+                            before=filters.published_table(event.before),
+                            after=filters.published_table(event.after),
+                        )
+                    outgoing = router.route_schema_change(event)
+                    log.info(
+                        "%s changed shape: %s",
+                        event.after.qualified_name,
+                        _describe_schema_change(event),
+                        extra={"table": event.after.qualified_name, "lsn": format_lsn(event.lsn)},
+                    )
+                    if outgoing is not None:
+                        if ticket is None:
+                            raise DecodeError("schema change outside a transaction")
+                        await self._open(ticket)
+                        await publisher.add(outgoing, ticket)
                 elif isinstance(event, TransactionBegin):
                     ticket = checkpointer.begin()
                     ticket.commit_time = event.commit_ts / 1e6 + _PG_EPOCH_UNIX
+                    self.transaction = event
+                    self.begin_marked = False
                 elif isinstance(event, TransactionEnd):
                     if ticket is None:
                         raise DecodeError("Commit without Begin")
+                    if self.begin_marked:
+                        await self._marker("C", ticket, event.end_lsn)
                     await publisher.end(ticket)
                     checkpointer.commit(ticket, event.end_lsn)
                     ticket = None
@@ -674,12 +784,14 @@ class _Reader:
                     if outgoing is None:
                         continue
                     index = event.index if event.transactional else -1
-                    if self._already_stored(event.commit_lsn, index):
-                        continue
-                    outgoing = self._fit(outgoing, None, None)
                     if event.transactional:
                         if ticket is None:
                             raise DecodeError("transactional message outside a transaction")
+                        await self._open(ticket)
+                    if self._already_stored(event.commit_lsn, index):
+                        continue
+                    outgoing = self._fit(outgoing, None, None)
+                    if ticket is not None and event.transactional:
                         await publisher.add(outgoing, ticket)
                     else:
                         owner = checkpointer.standalone(event.lsn)
@@ -705,6 +817,25 @@ async def _send_status(
         progress.clear()
         await source.send_status(flush_lsn=checkpointer.confirmed_lsn, reply_requested=quiet)
         await asyncio.sleep(STATUS_COALESCE_SECONDS)
+
+
+def _describe_schema_change(event: SchemaChange) -> str:
+    parts = []
+    if event.before.qualified_name != event.after.qualified_name:
+        parts.append(f"renamed from {event.before.qualified_name}")
+    for what, names in (
+        ("added", event.added),
+        ("dropped", event.dropped),
+        ("type changed", event.type_changed),
+    ):
+        if names:
+            parts.append(f"{what} {', '.join(names)}")
+    parts.extend(f"renamed {old} to {new}" for old, new in event.renamed.items())
+    if event.before.key_names != event.after.key_names:
+        parts.append(f"key now ({', '.join(event.after.key_names)})")
+    if event.before.replica_identity != event.after.replica_identity:
+        parts.append(f"replica identity now {event.after.replica_identity}")
+    return "; ".join(parts) or "column flags changed"
 
 
 def _is_own_heartbeat(content: bytes, slot: str) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 
 MIN_SERVER_VERSION = 140000
 
+#: Row filters in publications (``tables.*.where``) came with PostgreSQL 15.
+ROW_FILTER_VERSION = 150000
+
+#: The comment that marks a publication the bridge created as its own: only in such a
+#: publication does it drop tables that are no longer in ``tables:``.
+MANAGED_COMMENT = "managed by cdc-bridge: its tables follow the bridge's tables: setting"
+
 
 @dataclass(frozen=True, slots=True)
 class TableCatalog:
@@ -68,6 +76,7 @@ class DatabaseState:
     server_version: int
     tables: dict[str, TableCatalog]
     key_columns: dict[str, tuple[str, ...]]
+    row_filters: dict[str, str] = field(default_factory=dict)  # table → WHERE expression
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,10 @@ class TableRequest:
 
     subject: str
     key: tuple[str, ...] | None
+    columns: tuple[str, ...] | None = None  # published columns; None: all
+    exclude_columns: tuple[str, ...] = ()
+    masks: tuple[tuple[str, str], ...] = ()  # (column, "hash" | "redact" | "truncate")
+    where: str | None = None
 
 
 def _connect(conninfo: str, connect_timeout: float) -> psycopg.Connection[tuple[object, ...]]:
@@ -155,7 +168,9 @@ def ensure_replication(
     """
     with _connect(conninfo, connect_timeout) as conn:
         try:
-            _ensure_publication(conn, publication, list(state.tables.values()), create_if_missing)
+            _ensure_publication(
+                conn, publication, list(state.tables.values()), create_if_missing, state.row_filters
+            )
             exists = _scalar_param(
                 conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot
             )
@@ -210,9 +225,23 @@ def _check(
             "postgresql.conf (on RDS: rds.logical_replication = 1 in the parameter group) "
             "and restart PostgreSQL"
         )
+    check_row_filter_support(version, requests)
     catalogs = {name: _load_table(conn, name) for name in requests}
     keys = {name: _check_table(catalogs[name], request) for name, request in requests.items()}
-    return DatabaseState(version, catalogs, keys)
+    row_filters = {name: r.where for name, r in requests.items() if r.where is not None}
+    return DatabaseState(version, catalogs, keys, row_filters)
+
+
+def check_row_filter_support(version: int, requests: Mapping[str, TableRequest]) -> None:
+    """:class:`SetupError` if a table has a row filter and the server cannot apply it."""
+    if version >= ROW_FILTER_VERSION:
+        return
+    for name, request in requests.items():
+        if request.where is not None:
+            raise SetupError(
+                f"tables.{name}.where needs PostgreSQL 15 or newer (publication row filters), "
+                f"but the server is PostgreSQL {version // 10000}: remove the key, or upgrade"
+            )
 
 
 def _load_table(conn: psycopg.Connection[tuple[object, ...]], name: str) -> TableCatalog:
@@ -323,7 +352,52 @@ def _check_table(table: TableCatalog, request: TableRequest) -> tuple[str, ...]:
             f"DELETEs under the table's replica identity, so deletes could not be routed: run "
             f"ALTER TABLE {table.sql_name} REPLICA IDENTITY FULL, or route by key columns only"
         )
+    _check_columns(table, request, key, placeholders)
     return key
+
+
+def _check_columns(
+    table: TableCatalog, request: TableRequest, key: tuple[str, ...], placeholders: frozenset[str]
+) -> None:
+    """Column filters and masks name real columns and leave key and subject columns usable."""
+    name = table.qualified_name
+    named = [("columns", c) for c in request.columns or ()]
+    named += [("exclude_columns", c) for c in request.exclude_columns]
+    named += [(f"mask.{c}", c) for c, _ in request.masks]
+    for setting, column in named:
+        if column not in table.columns:
+            raise SetupError(
+                f"tables.{name}.{setting} names column {column!r}, which {name} does not "
+                f"have (columns: {', '.join(table.columns)})"
+            )
+    published = set(request.columns) if request.columns is not None else set(table.columns)
+    published -= set(request.exclude_columns)
+    masks = dict(request.masks)
+    excluded = set(request.exclude_columns)
+    for column in key:
+        if column not in published:
+            setting = "exclude_columns" if column in excluded else "columns"
+            raise SetupError(
+                f"tables.{name}.{setting} leaves out key column {column!r}: key columns always "
+                "leave the bridge (publish it, or mask it with hash)"
+            )
+        if masks.get(column, "hash") != "hash":
+            raise SetupError(
+                f"tables.{name}.mask.{column}: {column!r} is a key column, which may only be "
+                f"masked with hash ({masks[column]} would make different rows share a key)"
+            )
+    for column in sorted(placeholders):
+        if column not in published:
+            setting = "exclude_columns" if column in excluded else "columns"
+            raise SetupError(
+                f"tables.{name}.{setting} leaves out {column!r}, which tables.{name}.subject "
+                "uses (publish it, or mask it with hash)"
+            )
+        if masks.get(column) == "redact":
+            raise SetupError(
+                f"tables.{name}.mask.{column}: {column!r} is used by the subject, and redacted "
+                "every change would go to one subject (use hash, or route by another column)"
+            )
 
 
 def _ensure_publication(
@@ -331,11 +405,39 @@ def _ensure_publication(
     publication: str,
     tables: list[TableCatalog],
     create_if_missing: bool,
+    row_filters: Mapping[str, str] | None = None,
 ) -> None:
+    """Make the publication publish the configured tables with their row filters.
+
+    One transaction: either every change (tables added, row filters set or changed,
+    tables dropped) is made, or none is; a row filter PostgreSQL would later refuse
+    UPDATEs and DELETEs for is caught before it is committed.
+    """
+    with conn.transaction():
+        _sync_publication(conn, publication, tables, create_if_missing, row_filters or {})
+
+
+def _table_item(table: TableCatalog, where: str | None) -> sql.Composable:
+    name = sql.Identifier(table.schema, table.table)
+    if where is None:
+        return name
+    # The expression is the operator's own SQL, like the DSN: not data from a change.
+    return sql.SQL("{} WHERE ({})").format(name, sql.SQL(where))
+
+
+def _sync_publication(
+    conn: psycopg.Connection[tuple[object, ...]],
+    publication: str,
+    tables: list[TableCatalog],
+    create_if_missing: bool,
+    row_filters: Mapping[str, str],
+) -> None:
+    pub = sql.Identifier(publication)
     exists = conn.execute(
-        "SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (publication,)
+        "SELECT pubviaroot, obj_description(oid, 'pg_publication') "
+        "FROM pg_publication WHERE pubname = %s",
+        (publication,),
     ).fetchone()
-    table_list = sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables)
     if exists is None:
         if not create_if_missing:
             raise SetupError(
@@ -347,44 +449,202 @@ def _ensure_publication(
         conn.execute(
             sql.SQL(
                 "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
-            ).format(sql.Identifier(publication), table_list)
+            ).format(pub, sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in tables))
         )
+        conn.execute(
+            sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(pub, sql.Literal(MANAGED_COMMENT))
+        )
+        for table in tables:
+            where = row_filters.get(table.qualified_name)
+            if where is not None:
+                _sync_row_filter(conn, publication, table, None, where, create_if_missing)
+        _check_row_filter_identity(conn, publication, tables)
         log.info(
             "created publication %s for %s",
             publication,
             ", ".join(t.qualified_name for t in tables),
         )
         return
+    via_root, comment = exists
+    managed = comment == MANAGED_COMMENT
     partitioned = [t.qualified_name for t in tables if t.partitioned]
-    if partitioned and not exists[0]:
+    if partitioned and not via_root:
         raise SetupError(
             f"publication {publication!r} publishes the partitions of {', '.join(partitioned)} "
             "under their own names: run ALTER PUBLICATION "
             f"{publication} SET (publish_via_partition_root = true)"
         )
-    published = {
-        f"{r[0]}.{r[1]}"
-        for r in conn.execute(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-            (publication,),
-        )
-    }
+    published = _published_tables(conn, publication)
     missing = [t for t in tables if t.qualified_name not in published]
-    if not missing:
+    if missing:
+        names = ", ".join(t.qualified_name for t in missing)
+        if not create_if_missing:
+            raise SetupError(
+                f"publication {publication!r} does not include {names} (run ALTER PUBLICATION "
+                f"{publication} ADD TABLE {names}, or set postgres.create_if_missing: true)"
+            )
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                pub,
+                sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in missing),
+            )
+        )
+        log.info("added %s to publication %s", names, publication)
+        published.update((t.qualified_name, None) for t in missing)  # filters: just below
+    for table in tables:
+        name = table.qualified_name
+        if name in published:
+            _sync_row_filter(
+                conn, publication, table, published[name], row_filters.get(name), create_if_missing
+            )
+    configured = {t.qualified_name for t in tables}
+    extra = sorted(name for name in published if name not in configured)
+    if extra and managed and create_if_missing:
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                pub, sql.SQL(", ").join(sql.Identifier(*name.split(".", 1)) for name in extra)
+            )
+        )
+        log.info(
+            "dropped %s from publication %s: no longer in tables:", ", ".join(extra), publication
+        )
+    elif extra:
+        log.info(
+            "publication %s also publishes %s, which is not in tables: (its changes are "
+            "skipped); the bridge leaves the publication's table list as it is, because it "
+            "did not create the publication",
+            publication,
+            ", ".join(extra),
+        )
+    _check_row_filter_identity(conn, publication, tables)
+
+
+def _published_tables(
+    conn: psycopg.Connection[tuple[object, ...]], publication: str
+) -> dict[str, str | None]:
+    """schema.table → its row filter (None: none) of every table in the publication."""
+    if conn.info.server_version < ROW_FILTER_VERSION:
+        query = "SELECT schemaname, tablename, NULL FROM pg_publication_tables WHERE pubname = %s"
+    else:
+        query = (
+            "SELECT schemaname, tablename, rowfilter FROM pg_publication_tables WHERE pubname = %s"
+        )
+    return {
+        f"{r[0]}.{r[1]}": None if r[2] is None else str(r[2])
+        for r in conn.execute(query, (publication,))
+    }
+
+
+def _sync_row_filter(
+    conn: psycopg.Connection[tuple[object, ...]],
+    publication: str,
+    table: TableCatalog,
+    have: str | None,
+    want: str | None,
+    create_if_missing: bool,
+) -> None:
+    """Set ``table``'s row filter in the publication to ``want`` if it differs."""
+    if have is None and want is None:
         return
-    names = ", ".join(t.qualified_name for t in missing)
-    if not create_if_missing:
-        raise SetupError(
-            f"publication {publication!r} does not include {names} (run ALTER PUBLICATION "
-            f"{publication} ADD TABLE {names}, or set postgres.create_if_missing: true)"
-        )
-    conn.execute(
-        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-            sql.Identifier(publication),
-            sql.SQL(", ").join(sql.Identifier(t.schema, t.table) for t in missing),
-        )
+    pub = sql.Identifier(publication)
+    name = table.qualified_name
+    drop = sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+        pub, sql.Identifier(table.schema, table.table)
     )
-    log.info("added %s to publication %s", names, publication)
+    add = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, _table_item(table, want))
+    now: str | None = "different"
+    try:
+        # PostgreSQL keeps a row filter in its own normalized form: the way to compare
+        # is to let it normalize ours. Rolled back unless it differs and may be kept.
+        with conn.transaction() as savepoint:
+            conn.execute(drop)
+            conn.execute(add)
+            now = _published_tables(conn, publication).get(name)
+            if now == have or not create_if_missing:
+                raise psycopg.Rollback(savepoint)
+            log.info(
+                "set the row filter of %s in publication %s to %s (was %s)",
+                name,
+                publication,
+                now or "none",
+                have or "none",
+                extra={"table": name},
+            )
+            return
+    except psycopg.errors.InsufficientPrivilege:
+        if have is not None and want is not None:
+            log.warning(
+                "cannot check that the row filter of %s in publication %s, %s, is the "
+                "configured one (not allowed to alter the publication)",
+                name,
+                publication,
+                have,
+                extra={"table": name},
+            )
+            return
+    except psycopg.DatabaseError as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        raise SetupError(f"tables.{name}.where {want!r}: {first_line(exc)}") from None
+    if now == have:
+        return
+    raise SetupError(
+        f"publication {publication!r} filters the rows of {name} with {have or 'no WHERE'}, "
+        f"but tables.{name}.where says {want or 'none'} (run ALTER PUBLICATION {publication} "
+        f"DROP TABLE {table.sql_name}; ALTER PUBLICATION {publication} ADD TABLE "
+        f"{table.sql_name}{f' WHERE ({want})' if want else ''}; in one transaction, or set "
+        "postgres.create_if_missing: true)"
+    )
+
+
+_VAR_ATTNO = re.compile(r":varattno (\d+)")
+
+
+def _check_row_filter_identity(
+    conn: psycopg.Connection[tuple[object, ...]], publication: str, tables: list[TableCatalog]
+) -> None:
+    """Refuse row filters on columns outside the replica identity.
+
+    PostgreSQL accepts such a filter, but then refuses every UPDATE and DELETE of the
+    table, the application's included ("cannot update table ... Column used in the
+    publication WHERE expression is not part of the replica identity").
+    """
+    if conn.info.server_version < ROW_FILTER_VERSION:
+        return
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, r.prqual::text, c.oid
+        FROM pg_publication p
+        JOIN pg_publication_rel r ON r.prpubid = p.oid
+        JOIN pg_class c ON c.oid = r.prrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE p.pubname = %s AND r.prqual IS NOT NULL AND (p.pubupdate OR p.pubdelete)
+        """,
+        (publication,),
+    ).fetchall()
+    catalogs = {t.qualified_name: t for t in tables}
+    for schema, relname, qual, oid in rows:
+        table = catalogs.get(f"{schema}.{relname}")
+        if table is None:
+            continue
+        # The filter's column references are Var nodes in the stored expression tree.
+        used = sorted({int(n) for n in _VAR_ATTNO.findall(str(qual))})
+        columns = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum = ANY(%s) "
+                "ORDER BY attnum",
+                (oid, used),
+            )
+        ]
+        outside = [c for c in columns if c not in table.identity_columns]
+        if outside:
+            raise SetupError(
+                f"tables.{table.qualified_name}.where uses {outside[0]!r}, which is not in the "
+                "table's replica identity: PostgreSQL would then refuse every UPDATE and DELETE "
+                f"of {table.qualified_name} (the application's too). Run ALTER TABLE "
+                f"{table.sql_name} REPLICA IDENTITY FULL, or filter on key columns only"
+            )
 
 
 def _ensure_slot(

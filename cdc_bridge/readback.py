@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 SCAN_LIMIT = 10_000
 
 
+#: Positions of wal2json's transaction markers (``<slot>:<commit_lsn>:B`` and ``:C``):
+#: B before everything of its transaction, C after its last change.
+BEGIN_MARKER_INDEX = -2
+COMMIT_MARKER_INDEX = 1 << 62
+_SPECIAL_INDEXES = {"m": -1, "B": BEGIN_MARKER_INDEX, "C": COMMIT_MARKER_INDEX}
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class Position:
     """A message's place in the WAL order: (commit LSN, index in the transaction).
@@ -51,7 +58,8 @@ class Position:
     index: int
 
     def __str__(self) -> str:
-        return f"{format_lsn(self.lsn)}#{self.index if self.index >= 0 else 'm'}"
+        names = {-1: "m", BEGIN_MARKER_INDEX: "B", COMMIT_MARKER_INDEX: "C"}
+        return f"{format_lsn(self.lsn)}#{names.get(self.index, self.index)}"
 
 
 def position_of(msg_id: str, slot: str) -> Position | None:
@@ -62,10 +70,14 @@ def position_of(msg_id: str, slot: str) -> Position | None:
     lsn_text, _, index_text = rest.partition(":")
     try:
         lsn = parse_lsn(lsn_text)
-        index = -1 if index_text == "m" else int(index_text)
     except ValueError:
         return None
-    return Position(lsn, index) if index >= -1 else None
+    index = _SPECIAL_INDEXES.get(index_text)
+    if index is None:
+        if not (index_text.isascii() and index_text.isdigit()):
+            return None  # not a change position (e.g. a schema-change event)
+        index = int(index_text)
+    return Position(lsn, index)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,18 @@ once per table, column placeholders filled per row). Every message carries:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
 
-from cdc_bridge.changes import Change, MessageEvent, TableInfo
-from cdc_bridge.envelope import encode_change, encode_message, transaction_strings
+from cdc_bridge.changes import Change, MessageEvent, SchemaChange, TableInfo
+from cdc_bridge.envelope import (
+    encode_change,
+    encode_message,
+    encode_schema_change,
+    transaction_strings,
+)
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.routing import SubjectTemplate
 
@@ -41,11 +46,17 @@ class Router:
         slot: str,
         table_subjects: Mapping[str, str],
         message_subject: str | None,
+        message_prefixes: frozenset[str] | None = None,
+        schema_subject: str | None = None,
+        encoder: Callable[[Change, str], bytes] = encode_change,
     ) -> None:
         self._slot = slot
+        self._encode = encoder  # the body of a row change: envelope.format
         self._templates = {name: SubjectTemplate(t) for name, t in table_subjects.items()}
         self._bound: dict[tuple[int, str], SubjectTemplate | None] = {}
         self._message_template = SubjectTemplate(message_subject) if message_subject else None
+        self._message_prefixes = message_prefixes  # None: every prefix
+        self._schema_template = SubjectTemplate(schema_subject) if schema_subject else None
 
     def forget_table(self, oid: int) -> None:
         """Drop bound templates of a relation whose shape or name changed."""
@@ -58,7 +69,7 @@ class Router:
             return self._bound[cache_key]
         except KeyError:
             pass
-        template = self._templates.get(table.qualified_name)
+        template = self._templates.get(table.config_name or table.qualified_name)
         bound = (
             None
             if template is None
@@ -88,10 +99,31 @@ class Router:
             "Cdc-Commit-Lsn": commit_lsn,
             "Cdc-Index": index,
         }
-        return OutgoingMessage(subject, headers, encode_change(change, self._slot))
+        return OutgoingMessage(subject, headers, self._encode(change, self._slot))
+
+    def route_schema_change(self, event: SchemaChange) -> OutgoingMessage | None:
+        """The schema-change event of a configured table, if they are published."""
+        table = event.after
+        if self._schema_template is None or (
+            (table.config_name or table.qualified_name) not in self._templates
+        ):
+            return None
+        commit_lsn = transaction_strings(event.commit_lsn, event.commit_ts)[0]
+        headers = {
+            # Not a change position (no index): the read-back passes over it, and a
+            # re-send inside the duplicate window is dropped by this id.
+            "Nats-Msg-Id": f"{self._slot}:{commit_lsn}:schema-{table.oid}-{event.number}",
+            "Cdc-Op": "schema",
+            "Cdc-Table": table.qualified_name,
+            "Cdc-Commit-Lsn": commit_lsn,
+        }
+        subject = self._schema_template.render({"schema": table.schema, "table": table.table})
+        return OutgoingMessage(subject, headers, encode_schema_change(event, self._slot))
 
     def route_message(self, message: MessageEvent) -> OutgoingMessage | None:
         if self._message_template is None:
+            return None
+        if self._message_prefixes is not None and message.prefix not in self._message_prefixes:
             return None
         commit_lsn = format_lsn(message.commit_lsn)
         index = str(message.index)

@@ -89,6 +89,13 @@ ALTER TABLE public.conversations REPLICA IDENTITY FULL;
 -- publish_via_partition_root: changes of a partitioned table carry the table's own name
 -- (the one in the config), not the names of its partitions. cdc-bridge creates its
 -- publications the same way.
+-- Row filters (tables.*.where in the config, PostgreSQL 15+) belong here too, exactly
+-- as configured, e.g. FOR TABLE public.conversations WHERE (role <> 'system'); with
+-- create_if_missing: false the bridge stops if the publication's filter differs.
+-- A filter may use only replica identity columns, or PostgreSQL refuses the table's
+-- UPDATEs and DELETEs. The bridge never drops tables from a publication made here; it
+-- does from its own, which it marks with COMMENT ON PUBLICATION (see the README,
+-- "Filters and masking").
 CREATE PUBLICATION cdc_bridge FOR TABLE public.conversations
     WITH (publish_via_partition_root = true);
 

@@ -8,6 +8,7 @@ from cdc_bridge.changes import (
     Change,
     ChangeAssembler,
     MessageEvent,
+    SchemaChange,
     TableInfo,
     TransactionBegin,
     TransactionEnd,
@@ -133,6 +134,7 @@ def test_relation_builds_table_info() -> None:
         key_names=("id",),
         identity_names=frozenset({"id"}),
         replica_identity="d",
+        type_modifiers=(-1, -1, -1, -1, -1),
     )
     assert table.qualified_name == "public.conversations"
     assert assembler.in_transaction is False
@@ -432,22 +434,26 @@ def test_truncate_of_two_relations() -> None:
     assembler.feed(OTHER, 0x11)
     _begin(assembler)
     _one(assembler, Insert(OID, ROW_TEXT), 0x100)
-    events = assembler.feed(Truncate(1, (OID, OTHER_OID)), 0x200)
-    assert events == (
-        _change(
-            assembler.tables[OID], "truncate", key=None, after=None, before=None, lsn=0x200, index=1
-        ),
-        _change(
-            assembler.tables[OTHER_OID],
-            "truncate",
-            key=None,
-            after=None,
-            before=None,
-            lsn=0x200,
-            index=2,
-        ),
+    events = assembler.feed(Truncate(1, (OID, OTHER_OID)), 0x200)  # 1: CASCADE
+    first = _change(
+        assembler.tables[OID], "truncate", key=None, after=None, before=None, lsn=0x200, index=1
     )
-    assert _one(assembler, Insert(OTHER_OID, ("5",)), 0x300).index == 3
+    second = _change(
+        assembler.tables[OTHER_OID],
+        "truncate",
+        key=None,
+        after=None,
+        before=None,
+        lsn=0x200,
+        index=2,
+    )
+    first.truncate_options = second.truncate_options = (True, False)
+    assert events == (first, second)
+    restart = assembler.feed(Truncate(2, (OID,)), 0x250)  # 2: RESTART IDENTITY
+    assert isinstance(restart[0], Change)
+    assert restart[0].truncate_options == (False, True)
+    assert restart[0].index == 3
+    assert _one(assembler, Insert(OTHER_OID, ("5",)), 0x300).index == 4
 
 
 def test_relation_mid_stream_changes_the_shape() -> None:
@@ -458,7 +464,15 @@ def test_relation_mid_stream_changes_the_shape() -> None:
     widened = Relation(
         OID, "public", "conversations", "d", (*_columns(), Column(0, "title", TEXT, -1))
     )
-    assert assembler.feed(widened, 0x180) == ()
+    (event,) = assembler.feed(widened, 0x180)
+    assert isinstance(event, SchemaChange)
+    assert (event.lsn, event.commit_lsn, event.xid, event.number) == (0x180, COMMIT_LSN, XID, 0)
+    assert (event.added, event.dropped, event.renamed, event.type_changed) == (
+        ["title"],
+        [],
+        {},
+        [],
+    )
     second = _one(assembler, Insert(OID, (*ROW_TEXT, "Hi")), 0x200)
     assert second.index == 1
     assert second.after == {**ROW, "title": "Hi"}
@@ -477,13 +491,61 @@ def test_relation_mid_stream_changes_the_shape() -> None:
     assert str(info.value) == "public.conversations: tuple has 5 columns, relation has 6"
 
 
-def test_relation_renamed_mid_stream() -> None:
-    assembler = ChangeAssembler()
+def test_relation_renamed_mid_stream_keeps_its_configured_name_and_key() -> None:
+    assembler = ChangeAssembler(key_columns={"public.conversations": ("conversation_uuid",)})
     assembler.feed(RELATION, 0x10)
-    assembler.feed(Relation(OID, "archive", "old_conversations", "d", _columns()), 0x20)
     _begin(assembler)
+    (event,) = assembler.feed(Relation(OID, "archive", "old_conversations", "d", _columns()), 0x20)
+    assert isinstance(event, SchemaChange)
+    assert event.before.qualified_name == "public.conversations"
+    assert event.after.qualified_name == "archive.old_conversations"
     change = _one(assembler, Insert(OID, ROW_TEXT), 0x100)
     assert change.table.qualified_name == "archive.old_conversations"
+    assert change.table.config_name == "public.conversations"
+    assert change.key == {"conversation_uuid": UUID}
+
+
+def test_an_unchanged_relation_is_not_a_schema_change() -> None:
+    assembler = ChangeAssembler()
+    assembler.feed(RELATION, 0x10)
+    _begin(assembler)
+    assert assembler.feed(RELATION, 0x20) == ()  # a new session or a cache flush
+    assert assembler.feed(OTHER, 0x30) == ()  # first sight of a table
+
+
+def _shape_change(before: tuple[Column, ...], after: tuple[Column, ...]) -> SchemaChange:
+    assembler = ChangeAssembler()
+    assembler.feed(Relation(OID, "public", "t", "d", before), 0x10)
+    _begin(assembler)
+    (event,) = assembler.feed(Relation(OID, "public", "t", "d", after), 0x20)
+    assert isinstance(event, SchemaChange)
+    return event
+
+
+def test_schema_change_tells_renamed_dropped_added_and_retyped_columns() -> None:
+    a, b, c = Column(1, "a", INT8, -1), Column(0, "b", TEXT, -1), Column(0, "c", INT8, -1)
+    renamed = _shape_change((a, b, c), (a, Column(0, "title", TEXT, -1), c))
+    assert (renamed.renamed, renamed.added, renamed.dropped) == ({"b": "title"}, [], [])
+    # Drop one column and add another of the same type: not a rename.
+    swapped = _shape_change((a, b, c), (a, c, Column(0, "d", INT8, -1)))
+    assert (swapped.renamed, swapped.added, swapped.dropped) == ({}, ["d"], ["b"])
+    retyped = _shape_change((a, b, c), (a, b, Column(0, "c", TEXT, -1)))
+    assert (retyped.type_changed, retyped.renamed, retyped.added) == (["c"], {}, [])
+    rekeyed = _shape_change((a, b, c), (Column(0, "a", INT8, -1), Column(1, "b", TEXT, -1), c))
+    assert rekeyed.before.key_names == ("a",)
+    assert rekeyed.after.key_names == ("b",)
+
+
+def test_two_schema_changes_of_a_table_in_one_transaction_are_numbered() -> None:
+    a, b = Column(1, "a", INT8, -1), Column(0, "b", TEXT, -1)
+    assembler = ChangeAssembler()
+    assembler.feed(Relation(OID, "public", "t", "d", (a,)), 0x10)
+    _begin(assembler)
+    (first,) = assembler.feed(Relation(OID, "public", "t", "d", (a, b)), 0x20)
+    (second,) = assembler.feed(Relation(OID, "public", "t", "d", (a,)), 0x30)
+    assert isinstance(first, SchemaChange)
+    assert isinstance(second, SchemaChange)
+    assert (first.number, second.number) == (0, 1)
 
 
 # --------------------------------------------------------------------------- logical messages
@@ -613,3 +675,23 @@ def test_streaming_messages_are_rejected() -> None:
     with pytest.raises(DecodeError) as info:
         assembler.feed(StreamStart(XID, True), 0x100)
     assert str(info.value) == "unexpected pgoutput message StreamStart in a protocol v1 stream"
+
+
+def test_a_default_key_follows_a_new_primary_key_but_a_configured_one_stays() -> None:
+    a, b = Column(1, "a", INT8, -1), Column(0, "b", INT8, -1)
+    rekeyed = (Column(1, "a", INT8, -1), Column(1, "b", INT8, -1))
+    for default_keys, expected in ((frozenset({"public.t"}), ("a", "b")), (frozenset(), ("a",))):
+        assembler = ChangeAssembler(key_columns={"public.t": ("a",)}, default_keys=default_keys)
+        assembler.feed(Relation(OID, "public", "t", "d", (a, b)), 0x10)
+        _begin(assembler)
+        assembler.feed(Relation(OID, "public", "t", "d", rekeyed), 0x20)
+        change = _one(assembler, Insert(OID, ("1", "2")), 0x30)
+        assert change.table.key_names == expected
+    # Under REPLICA IDENTITY FULL every column is flagged: the key found at start stays.
+    full = (Column(1, "a", INT8, -1), Column(1, "b", INT8, -1))
+    assembler = ChangeAssembler(
+        key_columns={"public.t": ("a",)}, default_keys=frozenset({"public.t"})
+    )
+    assembler.feed(Relation(OID, "public", "t", "f", full), 0x10)
+    _begin(assembler)
+    assert _one(assembler, Insert(OID, ("1", "2")), 0x30).key == {"a": 1}

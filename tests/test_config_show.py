@@ -79,7 +79,15 @@ def test_show_masks_secrets_and_shows_env_overrides(tmp_path: Path) -> None:
     assert data["nats"]["stream"] == "from-env"
     assert data["log_format"] == "text"
     assert data["tables"] == {
-        "public.conversations": {"subject": "messages.{conversation_uuid}", "key": None}
+        "public.conversations": {
+            "subject": "messages.{conversation_uuid}",
+            "key": None,
+            "columns": None,
+            "exclude_columns": [],
+            "mask": {},
+            "where": None,
+            "ops": ["insert", "update", "delete", "truncate"],
+        }
     }
 
     result = run_show(config, "--json", env=env)

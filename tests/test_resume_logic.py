@@ -58,3 +58,16 @@ def test_backoff_never_overflows_after_many_attempts() -> None:
     backoff = Backoff(ReconnectSettings(initial_delay=0.1, max_delay=30))
     for _ in range(10_000):
         assert 0 < backoff.next_delay() <= 30
+
+
+def test_transaction_markers_frame_their_transaction_in_position_order() -> None:
+    begin = position_of("s:0/20:B", "s")
+    commit = position_of("s:0/20:C", "s")
+    assert begin is not None
+    assert commit is not None
+    # A standalone message decoded at the same LSN, the changes, then C; then the next
+    # transaction.
+    assert begin < Position(0x20, -1) < Position(0x20, 0) < Position(0x20, 10**9) < commit
+    assert commit < Position(0x21, -2) < Position(0x21, -1)
+    assert (str(begin), str(commit)) == ("0/20#B", "0/20#C")
+    assert position_of("s:0/20:schema-16384-0", "s") is None  # events have no position

@@ -71,10 +71,14 @@ async def run_setup(settings: Settings) -> int:
     if before is None:
         click.echo(f"publication {pg.publication}: created for {', '.join(tables)}")
     else:
+        after = await asyncio.to_thread(_publication_before, settings)
         added = [t for t in tables if t not in before.tables]
+        dropped = sorted(before.tables - after.tables) if after is not None else []
         click.echo(
             f"publication {pg.publication}: found"
-            + (f", added {', '.join(added)}" if added else f" (covers {', '.join(tables)})")
+            + (f", added {', '.join(added)}" if added else "")
+            + (f", dropped {', '.join(dropped)}" if dropped else "")
+            + ("" if added or dropped else f" (covers {', '.join(tables)})")
         )
     click.echo(
         f"slot {pg.slot}: {'created' if slot_created else 'found'} "
