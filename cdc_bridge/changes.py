@@ -209,6 +209,8 @@ class ChangeAssembler:
     tables: dict[int, TableInfo] = field(default_factory=dict)
     #: OID → configured name, so that a table renamed while streaming keeps its config.
     config_names: dict[int, str] = field(default_factory=dict)
+    #: Domain type OID → base type OID: a domain's values convert like its base type's.
+    type_aliases: Mapping[int, int] = field(default_factory=dict)
     #: Tables whose key is the default (primary key or identity index), not configured
     #: with ``tables.<t>.key``: their key follows a key change while streaming.
     default_keys: frozenset[str] = frozenset()
@@ -269,6 +271,7 @@ class ChangeAssembler:
         raise DecodeError(f"unexpected pgoutput message {kind.__name__} in a protocol v1 stream")
 
     def _table_info(self, relation: Relation) -> TableInfo:
+        aliases = self.type_aliases
         names = tuple(column.name for column in relation.columns)
         qualified = f"{relation.namespace}.{relation.name}"
         config_name = self.config_names.get(relation.oid)
@@ -293,7 +296,10 @@ class ChangeAssembler:
             schema=relation.namespace,
             table=relation.name,
             column_names=names,
-            converters=tuple(converter_for(column.type_oid) for column in relation.columns),
+            converters=tuple(
+                converter_for(aliases.get(column.type_oid, column.type_oid))
+                for column in relation.columns
+            ),
             type_oids=tuple(column.type_oid for column in relation.columns),
             key_names=key_names,
             identity_names=frozenset(c.name for c in relation.columns if c.is_key),

@@ -437,6 +437,7 @@ class _Session:
                 publisher,
                 ChangeAssembler(
                     key_columns=state.key_columns,
+                    type_aliases=state.type_aliases,
                     default_keys=frozenset(
                         name for name, table in settings.tables.items() if not table.key
                     ),

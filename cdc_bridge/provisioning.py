@@ -77,6 +77,9 @@ class DatabaseState:
     tables: dict[str, TableCatalog]
     key_columns: dict[str, tuple[str, ...]]
     row_filters: dict[str, str] = field(default_factory=dict)  # table → WHERE expression
+    #: Domain type OID → its base type OID (arrays of domains → arrays of the base), so
+    #: that a domain's values convert like its base type's.
+    type_aliases: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +232,32 @@ def _check(
     catalogs = {name: _load_table(conn, name) for name in requests}
     keys = {name: _check_table(catalogs[name], request) for name, request in requests.items()}
     row_filters = {name: r.where for name, r in requests.items() if r.where is not None}
-    return DatabaseState(version, catalogs, keys, row_filters)
+    return DatabaseState(version, catalogs, keys, row_filters, _domain_base_types(conn))
+
+
+def _domain_base_types(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, int]:
+    """Every domain's base type (through domains over domains), and the same for arrays."""
+    rows = conn.execute(
+        """
+        WITH RECURSIVE walk(domain, base) AS (
+            SELECT oid, typbasetype FROM pg_type WHERE typtype = 'd'
+            UNION ALL
+            SELECT walk.domain, t.typbasetype
+            FROM walk JOIN pg_type t ON t.oid = walk.base
+            WHERE t.typtype = 'd'
+        )
+        SELECT walk.domain::int8, walk.base::int8, d.typarray::int8, b.typarray::int8
+        FROM walk
+        JOIN pg_type b ON b.oid = walk.base AND b.typtype <> 'd'
+        JOIN pg_type d ON d.oid = walk.domain
+        """
+    ).fetchall()
+    aliases: dict[int, int] = {}
+    for domain, base, domain_array, base_array in rows:
+        aliases[int(str(domain))] = int(str(base))
+        if domain_array and base_array:
+            aliases[int(str(domain_array))] = int(str(base_array))
+    return aliases
 
 
 def check_row_filter_support(version: int, requests: Mapping[str, TableRequest]) -> None:

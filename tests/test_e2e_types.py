@@ -114,7 +114,10 @@ ROWS: list[Row] = [
     Row("bit", "bit(4)", "B'1010'", "1010"),
     Row("varbit", "varbit", "B'101'", "101"),
     Row("enum", "mood", "'happy'", "happy"),
-    Row("domain", "positive_int", "42", "42"),
+    Row("domain", "positive_int", "42", 42),
+    Row("domain over a domain", "small_positive", "7", 7),
+    Row("domain[]", "positive_int[]", "ARRAY[1, 2]::positive_int[]", [1, 2]),
+    Row("domain over timestamptz", "stamp", "'2026-11-27 09:32:10+00'", "2026-11-27T09:32:10Z"),
     Row("composite", "pair", "ROW(1, 'a b')", '(1,"a b")'),
     Row("int4range", "int4range", "'[1,10)'", "[1,10)"),
     Row("tstzrange", "tstzrange", "'[2026-01-01,)'", '["2026-01-01 00:00:00+00",)'),
@@ -142,6 +145,8 @@ ROWS: list[Row] = [
 SETUP = [
     "CREATE TYPE mood AS ENUM ('sad', 'happy')",
     "CREATE DOMAIN positive_int AS int4 CHECK (VALUE > 0)",
+    "CREATE DOMAIN small_positive AS positive_int CHECK (VALUE < 100)",
+    "CREATE DOMAIN stamp AS timestamptz",
     "CREATE TYPE pair AS (n int4, s text)",
 ]
 
