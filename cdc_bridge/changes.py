@@ -45,7 +45,8 @@ __all__ = [
     "TransactionEnd",
 ]
 
-Op = Literal["insert", "update", "delete", "truncate"]
+#: "read": a row of the initial snapshot (cdc_bridge.snapshot), not a change from the WAL.
+Op = Literal["insert", "update", "delete", "truncate", "read"]
 Row = dict[str, JsonValue]
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "NatsSettings",
     "PostgresSettings",
     "Settings",
+    "SnapshotSettings",
     "TableSettings",
     "TruncateMask",
     "load_settings",
@@ -588,6 +589,22 @@ class SchemaChangeSettings(_Section):
         return value
 
 
+class SnapshotSettings(_Section):
+    """The initial snapshot of the tables' existing rows (README "Snapshots and backfills")."""
+
+    mode: Literal["initial", "never", "initial_only"] = Field(
+        default="initial",
+        description="initial: snapshot when the bridge creates the slot; never; "
+        "initial_only: snapshot, then exit without a slot",
+    )
+    chunk_size: int = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="rows per keyset page (memory holds one page); progress is kept per page",
+    )
+
+
 #: Where heartbeat messages go when ``heartbeat.publish`` is true.
 HEARTBEAT_SUBJECT = "cdc.heartbeat"
 
@@ -703,6 +720,7 @@ class Settings(BaseSettings):
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     reconnect: ReconnectSettings = ReconnectSettings()
     envelope: EnvelopeSettings = EnvelopeSettings()
+    snapshot: SnapshotSettings = SnapshotSettings()
     shutdown_timeout: float = Field(
         default=30.0, gt=0, description="seconds to wait for in-flight PubAcks when stopping"
     )

@@ -2,7 +2,7 @@
 
 Change::
 
-    {"op": "insert|update|delete|truncate", "schema": "public", "table": "conversations",
+    {"op": "insert|update|delete|truncate|read", "schema": "public", "table": "conversations",
      "key": {...} | null, "after": {...} | null, "before": {...} | null,
      "unchanged_toast": [...],
      "source": {"slot", "lsn", "commit_lsn", "xid", "commit_ts", "index"}}
@@ -68,7 +68,7 @@ def _source(
 def encode_change(change: Change, slot: str) -> bytes:
     """The native envelope of a row change, as JSON bytes."""
     table = change.table
-    body = {
+    body: dict[str, Any] = {
         "op": change.op,
         "schema": table.schema,
         "table": table.table,
@@ -80,6 +80,12 @@ def encode_change(change: Change, slot: str) -> bytes:
             slot, change.lsn, change.commit_lsn, change.xid, change.commit_ts, change.index
         ),
     }
+    if change.op == "read":
+        # A snapshot row: no transaction of its own; lsn and commit_lsn are the slot's
+        # consistent point, index its number in its table's snapshot.
+        source = body["source"]
+        source["xid"] = None
+        source["snapshot"] = True
     if change.truncate_options is not None:
         cascade, restart_identity = change.truncate_options
         body["truncate"] = {"cascade": cascade, "restart_identity": restart_identity}

@@ -73,8 +73,9 @@ ChangeEncoder = Callable[[Change, str], bytes]
 #: Debezium's default ``unavailable.value.placeholder``: an unchanged TOAST column.
 DEBEZIUM_UNAVAILABLE: Final = "__debezium_unavailable_value"
 
-_ACTIONS: Final = {"insert": "I", "update": "U", "delete": "D", "truncate": "T"}
-_DEBEZIUM_OPS: Final = {"insert": "c", "update": "u", "delete": "d", "truncate": "t"}
+# wal2json has no snapshot: a snapshot row ("read") is the insert that would recreate it.
+_ACTIONS: Final = {"insert": "I", "update": "U", "delete": "D", "truncate": "T", "read": "I"}
+_DEBEZIUM_OPS: Final = {"insert": "c", "update": "u", "delete": "d", "truncate": "t", "read": "r"}
 
 # Type OIDs whose values need more than "the converted value is the text".
 _INTS: Final = frozenset({20, 21, 23, 26})
@@ -484,14 +485,14 @@ class DebeziumEncoder:
             "connector": "postgresql",
             "name": self.name,
             "ts_ms": commit_us // 1000,
-            "snapshot": "false",
+            "snapshot": "true" if change.op == "read" else "false",
             "db": self.database,
             "sequence": _sequence(change.commit_lsn, change.lsn),
             "ts_us": commit_us,
             "ts_ns": commit_us * 1000,
             "schema": table.schema,
             "table": table.table,
-            "txId": change.xid,
+            "txId": None if change.op == "read" else change.xid,
             "lsn": change.lsn,
             "xmin": None,
             "origin": None,

@@ -84,7 +84,7 @@ MESSAGE_KINDS: Final[dict[type, str]] = {
     StreamCommit: "stream_commit",
     StreamAbort: "stream_abort",
 }
-OPS: Final = ("insert", "update", "delete", "truncate")
+OPS: Final = ("insert", "update", "delete", "truncate", "read")
 PublishErrorReason = Literal["refused", "timeout", "too_large", "connection"]
 PUBLISH_ERROR_REASONS: Final[tuple[PublishErrorReason, ...]] = (
     "refused",

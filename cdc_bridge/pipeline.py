@@ -8,7 +8,9 @@ confirmed LSN.
 
 A *session* is one pass of: connect to NATS, check the database, ensure stream,
 publication and slot, take the slot (standing by while another process holds it), read
-back what this slot already stored in the stream, then stream. When a connection is lost
+back what this slot already stored in the stream, then stream. A session that creates
+the slot (``snapshot.mode: initial``), or finds its snapshot unfinished, first publishes
+the tables' rows in the slot's snapshot (:mod:`cdc_bridge.snapshot`). When a connection is lost
 after setup has once succeeded (standing by or streaming), the session ends and a new
 one starts after a capped, jittered backoff: WAL is re-read from the slot's confirmed
 position, and what the stream already holds is not sent again, so nothing is lost and
@@ -27,6 +29,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -56,7 +59,7 @@ from cdc_bridge.filters import build_filters, mask_kind
 from cdc_bridge.heartbeat import run_heartbeat
 from cdc_bridge.http_server import HttpServer
 from cdc_bridge.logs import bind_log_context
-from cdc_bridge.lsn import format_lsn
+from cdc_bridge.lsn import Lsn, format_lsn
 from cdc_bridge.metrics import BridgeMetrics, SlotCollector
 from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS, PrimaryKeepalive, Relation, decode_message
 from cdc_bridge.provisioning import (
@@ -79,6 +82,14 @@ from cdc_bridge.readback import (
 from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
 from cdc_bridge.routing import SubjectTemplate
 from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink, StreamSpec, stream_subjects
+from cdc_bridge.snapshot import (
+    ProgressStore,
+    SnapshotReader,
+    SnapshotRecord,
+    SnapshotTarget,
+    create_slot_exporting,
+    run_snapshot,
+)
 from cdc_bridge.source import ReplicationSource
 
 __all__ = ["BridgeStats", "run_bridge", "stream_spec"]
@@ -301,17 +312,58 @@ class _Session:
             # Before the slot is ours this is only a hint (another bridge may be
             # publishing), good enough to refuse recreating a dropped slot.
             hint = await last_published(sink.client, spec.name, subjects, pg.slot)
-            confirmed, _ = await asyncio.to_thread(
-                ensure_replication,
-                settings.conninfo(),
-                state,
-                slot=pg.slot,
-                publication=pg.publication,
-                create_if_missing=pg.create_if_missing,
-                connect_timeout=pg.connect_timeout,
-                stream_position=hint,
-                recreate_slot=pg.recreate_slot,
+            mode = settings.snapshot.mode
+            if mode == "initial_only":
+                await self._snapshot_only(state, sink, spec.name)
+                return
+            store = (
+                ProgressStore(sink.client, stream=spec.name, slot=pg.slot)
+                if mode == "initial"
+                else None
             )
+            exported: list[SnapshotReader] = []
+            creator: Callable[[], Lsn] | None = None
+            if store is not None:
+                previous = await store.get()
+                # A new slot gets a new snapshot run, recorded before the slot exists: a
+                # crash between creating it and the first chunk then still resumes.
+                pending = SnapshotRecord(
+                    slot=pg.slot, mode=mode, run=previous.run + 1 if previous else 1
+                )
+                loop = asyncio.get_running_loop()
+
+                def creator() -> Lsn:
+                    lsn, reader = create_slot_exporting(
+                        settings.conninfo(),
+                        pg.slot,
+                        connect_timeout=pg.connect_timeout,
+                        before_create=lambda: asyncio.run_coroutine_threadsafe(
+                            store.put(pending), loop
+                        ).result(),
+                    )
+                    exported.append(reader)
+                    return lsn
+
+            try:
+                confirmed, _ = await asyncio.to_thread(
+                    ensure_replication,
+                    settings.conninfo(),
+                    state,
+                    slot=pg.slot,
+                    publication=pg.publication,
+                    create_if_missing=pg.create_if_missing,
+                    connect_timeout=pg.connect_timeout,
+                    stream_position=hint,
+                    recreate_slot=pg.recreate_slot,
+                    slot_creator=creator,
+                )
+                if store is not None and not await self._initial_snapshot(
+                    state, sink, store, exported[0] if exported else None, confirmed
+                ):
+                    return  # stopped
+            finally:
+                for reader in exported:
+                    await asyncio.to_thread(reader.close)
             opened = await self._take_slot(confirmed, sink)
             if opened is None:
                 return  # stopped while standing by
@@ -389,6 +441,165 @@ class _Session:
             log.info("took over slot %s at %s", pg.slot, format_lsn(confirmed))
         return source, confirmed
 
+    def _router(self) -> Router:
+        settings = self.settings
+        return Router(
+            slot=settings.postgres.slot,
+            table_subjects={name: t.subject for name, t in settings.tables.items()},
+            message_subject=settings.messages.subject if settings.messages.publish else None,
+            message_prefixes=(
+                frozenset(settings.messages.prefixes)
+                if settings.messages.prefixes is not None
+                else None
+            ),
+            schema_subject=(
+                settings.schema_changes.subject if settings.schema_changes.publish else None
+            ),
+            encoder=encoder_from_settings(settings),
+        )
+
+    def _publisher(
+        self, sink: JetStreamSink[TransactionTicket], checkpointer: Checkpointer
+    ) -> TransactionPublisher:
+        nats = self.settings.nats
+        return TransactionPublisher(
+            sink,
+            checkpointer,
+            atomic=sink.atomic_batches,
+            # Half the window at most, so that a batch can always be completed.
+            batch_size=min(nats.atomic_batch_size, max(2, nats.max_in_flight // 2)),
+            batch_bytes=max(1, nats.max_in_flight_bytes // 2),
+        )
+
+    async def _initial_snapshot(
+        self,
+        state: DatabaseState,
+        sink: JetStreamSink[TransactionTicket],
+        store: ProgressStore,
+        reader: SnapshotReader | None,
+        confirmed: int,
+    ) -> bool:
+        """Snapshot mode initial, once the slot exists; False if stopped before the end.
+
+        ``reader`` holds the snapshot the slot exported when this session created it.
+        Otherwise an unfinished snapshot of this slot (its record still at the slot's
+        consistent point) is resumed in a fresh snapshot; anything else streams only.
+        """
+        settings = self.settings
+        pg = settings.postgres
+        # Setup has worked: a lost connection from here on is retried (and resumes).
+        self.established = True
+        if reader is None:
+            record = await store.get()
+            if not _unfinished(record, confirmed):
+                return True
+            interval = settings.reconnect.standby_interval
+            waited = False
+            while reader is None:
+                try:
+                    reader = await asyncio.to_thread(
+                        SnapshotReader.connect,
+                        settings.conninfo(),
+                        slot=pg.slot,
+                        connect_timeout=pg.connect_timeout,
+                    )
+                except SlotBusyError as exc:
+                    if not waited:
+                        log.warning("standing by: %s; trying again every %gs", exc, interval)
+                    waited = True
+                    self.metrics.standby_reason = f"standing by: {exc}"
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(interval):
+                            await self.stop.wait()
+                    if self.stop.is_set():
+                        return False
+            self.metrics.standby_reason = None
+            try:
+                record = await store.get()  # another bridge may have finished it meanwhile
+                if not _unfinished(record, confirmed):
+                    return True
+                assert record is not None
+                await asyncio.to_thread(reader.begin, None)
+                record.run += 1
+                record.lsn = format_lsn(confirmed)
+                return await self._publish_snapshot(state, sink, store, reader, record, confirmed)
+            finally:
+                await asyncio.to_thread(reader.close)
+        record = SnapshotRecord(slot=pg.slot, mode="initial", lsn=format_lsn(confirmed))
+        previous = await store.get()
+        record.run = previous.run if previous is not None else 1
+        return await self._publish_snapshot(state, sink, store, reader, record, confirmed)
+
+    async def _snapshot_only(
+        self, state: DatabaseState, sink: JetStreamSink[TransactionTicket], stream: str
+    ) -> None:
+        """Snapshot mode initial_only: a snapshot of the tables, no slot; then return."""
+        settings = self.settings
+        pg = settings.postgres
+        store = ProgressStore(sink.client, stream=stream, slot=pg.slot)
+        reader = await asyncio.to_thread(
+            SnapshotReader.connect,
+            settings.conninfo(),
+            slot=pg.slot,
+            connect_timeout=pg.connect_timeout,
+        )
+        try:
+            previous = await store.get()
+            if previous is not None and previous.mode == "initial_only" and not previous.done:
+                record = previous  # resume the unfinished one
+                record.run += 1
+            else:
+                record = SnapshotRecord(
+                    slot=pg.slot, mode="initial_only", run=previous.run + 1 if previous else 1
+                )
+            await asyncio.to_thread(reader.begin, None)
+            lsn = await asyncio.to_thread(_current_wal_lsn, reader)
+            if await self._publish_snapshot(state, sink, store, reader, record, lsn):
+                log.info("snapshot.mode is initial_only: done, exiting without a slot")
+        finally:
+            await asyncio.to_thread(reader.close)
+
+    async def _publish_snapshot(
+        self,
+        state: DatabaseState,
+        sink: JetStreamSink[TransactionTicket],
+        store: ProgressStore,
+        reader: SnapshotReader,
+        record: SnapshotRecord,
+        lsn: int,
+    ) -> bool:
+        settings = self.settings
+        await store.put(record)
+        checkpointer = Checkpointer(lsn)
+        self.checkpointer = checkpointer  # the sink's acks go there
+        targets = [
+            SnapshotTarget(
+                name,
+                state.tables[name],
+                tuple(state.key_columns.get(name, ())),
+                table.where,
+            )
+            for name, table in settings.tables.items()
+        ]
+        return await run_snapshot(
+            reader,
+            record,
+            store,
+            targets,
+            lsn=lsn,
+            slot=settings.postgres.slot,
+            chunk_size=settings.snapshot.chunk_size,
+            type_aliases=state.type_aliases,
+            router=self._router(),
+            filters=build_filters(settings.tables),
+            sink=sink,
+            checkpointer=checkpointer,
+            publisher=self._publisher(sink, checkpointer),
+            ack_timeout=max(settings.nats.ack_timeout, 1.0) * 2,
+            stop=self.stop,
+            metrics=self.metrics,
+        )
+
     async def _stream(
         self,
         state: DatabaseState,
@@ -405,29 +616,8 @@ class _Session:
             if heartbeat.publish
             else None
         )
-        router = Router(
-            slot=slot,
-            table_subjects={name: t.subject for name, t in settings.tables.items()},
-            message_subject=settings.messages.subject if settings.messages.publish else None,
-            message_prefixes=(
-                frozenset(settings.messages.prefixes)
-                if settings.messages.prefixes is not None
-                else None
-            ),
-            schema_subject=(
-                settings.schema_changes.subject if settings.schema_changes.publish else None
-            ),
-            encoder=encoder_from_settings(settings),
-        )
-        nats = settings.nats
-        publisher = TransactionPublisher(
-            sink,
-            checkpointer,
-            atomic=sink.atomic_batches,
-            # Half the window at most, so that a batch can always be completed.
-            batch_size=min(nats.atomic_batch_size, max(2, nats.max_in_flight // 2)),
-            batch_bytes=max(1, nats.max_in_flight_bytes // 2),
-        )
+        router = self._router()
+        publisher = self._publisher(sink, checkpointer)
         reader = asyncio.create_task(
             _Reader(
                 settings,
@@ -837,6 +1027,21 @@ def _describe_schema_change(event: SchemaChange) -> str:
     if event.before.replica_identity != event.after.replica_identity:
         parts.append(f"replica identity now {event.after.replica_identity}")
     return "; ".join(parts) or "column flags changed"
+
+
+def _unfinished(record: SnapshotRecord | None, confirmed: int) -> bool:
+    """Whether ``record`` is an unfinished snapshot of the slot now at ``confirmed``.
+
+    The slot is confirmed nowhere past its consistent point until its snapshot is done
+    (streaming starts after it), so a record at another position is of an older slot.
+    """
+    if record is None or record.done or record.mode != "initial":
+        return False
+    return record.lsn is None or record.lsn == format_lsn(confirmed)
+
+
+def _current_wal_lsn(reader: SnapshotReader) -> int:
+    return reader.wal_position()
 
 
 def _is_own_heartbeat(content: bytes, slot: str) -> bool:

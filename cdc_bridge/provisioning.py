@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -160,6 +160,7 @@ def ensure_replication(
     connect_timeout: float = 10.0,
     stream_position: StreamPosition | None = None,
     recreate_slot: bool = False,
+    slot_creator: Callable[[], Lsn] | None = None,
 ) -> tuple[Lsn, bool]:
     """Create or check publication and slot; return (confirmed_flush_lsn, slot created).
 
@@ -168,6 +169,10 @@ def ensure_replication(
     changes the stream already holds (a new slot would start after a gap, unless
     ``recreate_slot``), and a stream ahead of the database's own WAL (another database,
     or one restored from a backup, behind the same slot name).
+
+    ``slot_creator``, if given, creates a missing slot instead of
+    ``pg_create_logical_replication_slot`` and returns its consistent point (the initial
+    snapshot creates it over a replication connection, to use the snapshot it exports).
     """
     with _connect(conninfo, connect_timeout) as conn:
         try:
@@ -184,7 +189,7 @@ def ensure_replication(
                     "changes since then are lost to it. Set postgres.recreate_slot: true to "
                     "start a new slot anyway (then backfill the tables), or restore the slot"
                 )
-            confirmed, created = _ensure_slot(conn, slot, create_if_missing)
+            confirmed, created = _ensure_slot(conn, slot, create_if_missing, slot_creator)
             if stream_position is not None and not created:
                 current = parse_lsn(str(_scalar(conn, "SELECT pg_current_wal_lsn()::text")))
                 if stream_position.lsn > current:
@@ -676,7 +681,10 @@ def _check_row_filter_identity(
 
 
 def _ensure_slot(
-    conn: psycopg.Connection[tuple[object, ...]], slot: str, create_if_missing: bool
+    conn: psycopg.Connection[tuple[object, ...]],
+    slot: str,
+    create_if_missing: bool,
+    creator: Callable[[], Lsn] | None = None,
 ) -> tuple[Lsn, bool]:
     row = conn.execute(
         """
@@ -691,6 +699,15 @@ def _ensure_slot(
                 f"replication slot {slot!r} does not exist and postgres.create_if_missing is "
                 "false (run sql/setup.sql, or set postgres.create_if_missing: true)"
             )
+        if creator is not None:
+            lsn = creator()
+            log.info(
+                "created replication slot %s at %s, exporting its snapshot",
+                slot,
+                format_lsn(lsn),
+                extra={"lsn": format_lsn(lsn)},
+            )
+            return lsn, True
         created = conn.execute(
             "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
         ).fetchone()

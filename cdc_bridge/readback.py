@@ -126,6 +126,8 @@ async def read_back(
     newest: Position | None = None
     oldest: Position | None = None
     complete = False
+    floor = False  # reached this slot's initial snapshot: nothing of it is older
+    snapshot_prefix = f"{slot}:snapshot:"
     try:
         top = await _newest_sequence(nc, stream, subjects, timeout)
         if top is None:
@@ -138,8 +140,14 @@ async def read_back(
                 continue  # deleted or expired
             if not subject_is_covered(msg.subject or "", subjects):
                 continue
-            position = position_of((msg.headers or {}).get("Nats-Msg-Id", ""), slot)
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            position = position_of(msg_id, slot)
             if position is None:
+                if msg_id.startswith(snapshot_prefix):
+                    # The slot streams only after its snapshot is complete: every change
+                    # of it in the stream is newer than its snapshot rows.
+                    floor = complete = True
+                    break
                 continue
             if since_lsn is None or position.lsn < since_lsn:
                 complete = since_lsn is not None
@@ -157,6 +165,8 @@ async def read_back(
     except Exception as exc:
         raise SinkError(f"cannot read back the stream {stream!r}: {first_line(exc)}") from None
     if newest is None or oldest is None:
+        if floor:
+            return None
         log.warning(
             "no message of slot %s among the last %d messages on its subjects in stream %s: "
             "relying on the duplicate window alone (give each bridge its own subjects)",

@@ -27,7 +27,7 @@ from cdc_bridge.routing import SubjectTemplate
 
 __all__ = ["OutgoingMessage", "Router", "dead_letter_marker"]
 
-_OPS = ("insert", "update", "delete", "truncate")
+_OPS = ("insert", "update", "delete", "truncate", "read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,23 @@ class Router:
             "Cdc-Table": table.qualified_name,
             "Cdc-Commit-Lsn": commit_lsn,
             "Cdc-Index": index,
+        }
+        return OutgoingMessage(subject, headers, self._encode(change, self._slot))
+
+    def route_read(self, change: Change, msg_id: str) -> OutgoingMessage | None:
+        """A snapshot row (op "read"): its id is not a WAL position, so the read-back
+        passes over it; ``Cdc-Snapshot`` names the table."""
+        table = change.table
+        template = self._template_for(table, change.op)
+        if template is None:
+            return None
+        subject = template.render(change.after or {})
+        headers = {
+            "Nats-Msg-Id": msg_id,
+            "Cdc-Op": "read",
+            "Cdc-Table": table.qualified_name,
+            "Cdc-Snapshot": table.qualified_name,
+            "Cdc-Commit-Lsn": format_lsn(change.commit_lsn),
         }
         return OutgoingMessage(subject, headers, self._encode(change, self._slot))
 
