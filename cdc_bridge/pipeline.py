@@ -25,32 +25,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import orjson
 from prometheus_client import CollectorRegistry
 
 from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import (
-    Change,
     ChangeAssembler,
-    SchemaChange,
-    TransactionBegin,
-    TransactionEnd,
 )
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import HEARTBEAT_SUBJECT, ReconnectSettings, Settings
-from cdc_bridge.envelopes import encoder_from_settings, wal2json_begin, wal2json_commit
+from cdc_bridge.envelopes import encoder_from_settings
 from cdc_bridge.errors import (
     CdcBridgeError,
     ConnectError,
-    DecodeError,
-    PublishError,
     SetupError,
     SlotBusyError,
     SourceError,
@@ -61,7 +53,6 @@ from cdc_bridge.http_server import HttpServer
 from cdc_bridge.logs import bind_log_context
 from cdc_bridge.lsn import Lsn, format_lsn
 from cdc_bridge.metrics import BridgeMetrics, SlotCollector
-from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS, PrimaryKeepalive, Relation, decode_message
 from cdc_bridge.provisioning import (
     DatabaseState,
     TableRequest,
@@ -70,18 +61,16 @@ from cdc_bridge.provisioning import (
     slot_confirmed_lsn,
 )
 from cdc_bridge.readback import (
-    BEGIN_MARKER_INDEX,
-    COMMIT_MARKER_INDEX,
-    Position,
     ReadBack,
     is_stored,
     last_published,
     position_of,
     read_back,
 )
-from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
+from cdc_bridge.reader import WalReader
+from cdc_bridge.router import Router
 from cdc_bridge.routing import SubjectTemplate
-from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink, StreamSpec, stream_subjects
+from cdc_bridge.sink import JetStreamSink, StreamSpec, stream_subjects
 from cdc_bridge.snapshot import (
     ProgressStore,
     SnapshotReader,
@@ -99,9 +88,6 @@ log = logging.getLogger(__name__)
 # After a status update, wait at least this long before the next one, so that a burst of
 # commits costs a few status updates rather than one per transaction.
 STATUS_COALESCE_SECONDS = 0.1
-
-# PostgreSQL timestamps count microseconds from 2000-01-01; this turns them into unix time.
-_PG_EPOCH_UNIX = PG_EPOCH_UNIX_MICROS / 1e6
 
 
 @dataclass
@@ -619,7 +605,7 @@ class _Session:
         router = self._router()
         publisher = self._publisher(sink, checkpointer)
         reader = asyncio.create_task(
-            _Reader(
+            WalReader(
                 settings,
                 source,
                 sink,
@@ -720,276 +706,6 @@ class _Session:
             raise error
 
 
-class _Reader:
-    """The hot loop: frame → pgoutput message → events → messages → publishes."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        source: ReplicationSource,
-        sink: JetStreamSink[TransactionTicket],
-        checkpointer: Checkpointer,
-        publisher: TransactionPublisher,
-        assembler: ChangeAssembler,
-        router: Router,
-        heartbeat_router: Router | None,
-        stats: BridgeStats,
-        metrics: BridgeMetrics,
-        stored: ReadBack | None,
-    ) -> None:
-        self.source = source
-        self.sink = sink
-        self.checkpointer = checkpointer
-        self.publisher = publisher
-        self.assembler = assembler
-        self.router = router
-        self.heartbeat_router = heartbeat_router
-        self.stats = stats
-        self.metrics = metrics
-        self.slot = settings.postgres.slot
-        self.heartbeat_prefix = settings.heartbeat.prefix
-        self.dead_letter_subject = (
-            settings.nats.dead_letter_subject if settings.nats.oversized == "dead-letter" else None
-        )
-        # Room the batch headers need, when messages go out in atomic batches.
-        self.size_margin = BATCH_HEADER_BYTES if publisher.atomic else 0
-        # What the stream holds already of what the slot sends again: not re-sent.
-        self.stored = stored
-        envelope = settings.envelope
-        # wal2json's transaction markers: their include_* options, or None when off.
-        self.markers: dict[str, bool] | None = (
-            {
-                "include_xids": envelope.include_xids,
-                "include_timestamp": envelope.include_timestamp,
-                "include_lsn": envelope.include_lsn,
-            }
-            if envelope.transaction_markers
-            else None
-        )
-        self.markers_subject = envelope.markers_subject
-        self.transaction: TransactionBegin | None = None
-        self.begin_marked = False  # the open transaction's B marker went out (or was there)
-        # None when no table filters or masks anything: then changes cost nothing here.
-        self.filters = build_filters(settings.tables)
-
-    async def _open(self, ticket: TransactionTicket) -> None:
-        """Before the first message of a transaction: its B marker, if markers are on.
-
-        Called before that message's read-back check, so that the marker is checked in
-        stream order too (it precedes every message of its transaction).
-        """
-        if self.markers is not None and not self.begin_marked:
-            self.begin_marked = True
-            await self._marker("B", ticket, 0)
-
-    async def _marker(self, kind: str, ticket: TransactionTicket, end_lsn: int) -> None:
-        """wal2json's B or C marker of the open transaction (``envelope.transaction_markers``)."""
-        transaction, options = self.transaction, self.markers
-        assert transaction is not None
-        assert options is not None
-        index = BEGIN_MARKER_INDEX if kind == "B" else COMMIT_MARKER_INDEX
-        if self._already_stored(transaction.commit_lsn, index):
-            return
-        if kind == "B":
-            body = wal2json_begin(
-                transaction.xid, transaction.commit_ts, transaction.commit_lsn, **options
-            )
-        else:
-            body = wal2json_commit(
-                transaction.xid, transaction.commit_ts, transaction.commit_lsn, end_lsn, **options
-            )
-        commit_lsn = format_lsn(transaction.commit_lsn)
-        headers = {
-            "Nats-Msg-Id": f"{self.slot}:{commit_lsn}:{kind}",
-            "Cdc-Op": "begin" if kind == "B" else "commit",
-            "Cdc-Commit-Lsn": commit_lsn,
-        }
-        await self.publisher.add(OutgoingMessage(self.markers_subject, headers, body), ticket)
-
-    def _already_stored(self, lsn: int, index: int) -> bool:
-        stored = self.stored
-        if stored is None:
-            return False
-        position = Position(lsn, index)
-        held = stored.holds(position)
-        if held is None:
-            self.stored = None  # past the newest stored message: everything is new
-            return False
-        if held:
-            self.metrics.already_published += 1
-            return True
-        log.warning(
-            "re-sending %s: the stream lacks it but holds later changes (JetStream refused "
-            "it earlier?); it lands after them",
-            position,
-            extra={"lsn": format_lsn(lsn)},
-        )
-        return False
-
-    def _fit(self, outgoing: OutgoingMessage, table: str | None, key: object) -> OutgoingMessage:
-        """``outgoing``, or its dead-letter marker when it is too large for NATS."""
-        sink = self.sink
-        size = sink.message_size(outgoing.subject, outgoing.body, outgoing.headers)
-        size += self.size_margin
-        if size <= sink.max_payload:
-            return outgoing
-        what = f"{outgoing.headers.get('Cdc-Op', 'message')} of {table or 'a message'}"
-        where = f"key {orjson.dumps(key, default=str).decode()} " if key is not None else ""
-        if self.dead_letter_subject is None:
-            self.metrics.publish_failed("too_large")
-            raise PublishError(
-                f"the {what} {where}at commit {outgoing.headers.get('Cdc-Commit-Lsn')} is "
-                f"{size} bytes, over the NATS server's max_payload of {sink.max_payload}: "
-                "raise max_payload in nats-server, or set nats.oversized: dead-letter",
-                subject=outgoing.subject,
-            )
-        log.warning(
-            "the %s %sis %d bytes, over max_payload %d: publishing a marker to %s instead",
-            what,
-            where,
-            size,
-            sink.max_payload,
-            self.dead_letter_subject,
-            extra={"table": table},
-        )
-        self.metrics.dead_letters += 1
-        return dead_letter_marker(
-            outgoing,
-            subject=self.dead_letter_subject,
-            size=size,
-            max_payload=sink.max_payload,
-            table=table,
-            key=key,
-        )
-
-    async def run(self) -> None:
-        source, sink, checkpointer, publisher = (
-            self.source,
-            self.sink,
-            self.checkpointer,
-            self.publisher,
-        )
-        router, stats, metrics = self.router, self.stats, self.metrics
-        filters = self.filters
-        ticket: TransactionTicket | None = None
-        unrouted: set[int] = set()  # relations already warned about
-        kinds = metrics.pgoutput_messages
-        table_ops: dict[int, dict[str, int]] = {}  # relation OID → its op counters
-        monotonic = time.monotonic
-        while True:
-            frame = await source.read_frame()
-            metrics.last_progress = monotonic()
-            if type(frame) is PrimaryKeepalive:
-                metrics.server_wal_end = frame.wal_end
-                checkpointer.keepalive(frame.wal_end)
-                if checkpointer.idle:
-                    metrics.caught_up_time = frame.send_time / 1e6 + _PG_EPOCH_UNIX
-                if frame.reply_requested:
-                    await source.send_status(flush_lsn=checkpointer.confirmed_lsn)
-                continue
-            message = decode_message(frame.payload)  # type: ignore[union-attr]
-            kinds[type(message)] += 1
-            if type(message) is Relation:
-                router.forget_table(message.oid)
-                unrouted.discard(message.oid)
-                table_ops.pop(message.oid, None)  # its name may have changed
-            for event in self.assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
-                if isinstance(event, Change):
-                    # ops, columns, masks; a change left out still ends its transaction.
-                    if filters is not None and not filters.apply(event):
-                        metrics.filtered_changes += 1
-                        continue
-                    outgoing = router.route_change(event)
-                    if outgoing is None:
-                        metrics.skipped_changes += 1
-                        if event.table.oid not in unrouted:
-                            unrouted.add(event.table.oid)
-                            log.warning(
-                                "skipping changes of %s: it is in the publication but not in "
-                                "tables: (renamed, or added to the publication by hand?)",
-                                event.table.qualified_name,
-                                extra={
-                                    "table": event.table.qualified_name,
-                                    "lsn": format_lsn(event.lsn),
-                                },
-                            )
-                        continue
-                    if ticket is None:
-                        raise DecodeError("row change outside a transaction")
-                    await self._open(ticket)
-                    if self._already_stored(event.commit_lsn, event.index):
-                        continue
-                    table = event.table.qualified_name
-                    outgoing = self._fit(outgoing, table, event.key)
-                    await publisher.add(outgoing, ticket)
-                    stats.changes += 1
-                    ops = table_ops.get(event.table.oid)
-                    if ops is None:
-                        ops = table_ops[event.table.oid] = metrics.table_ops(table)
-                    ops[event.op] += 1
-                elif isinstance(event, SchemaChange):
-                    if filters is not None:  # never show a left-out column, even by name
-                        event = dataclasses.replace(
-                            event,
-                            before=filters.published_table(event.before),
-                            after=filters.published_table(event.after),
-                        )
-                    outgoing = router.route_schema_change(event)
-                    log.info(
-                        "%s changed shape: %s",
-                        event.after.qualified_name,
-                        _describe_schema_change(event),
-                        extra={"table": event.after.qualified_name, "lsn": format_lsn(event.lsn)},
-                    )
-                    if outgoing is not None:
-                        if ticket is None:
-                            raise DecodeError("schema change outside a transaction")
-                        await self._open(ticket)
-                        await publisher.add(outgoing, ticket)
-                elif isinstance(event, TransactionBegin):
-                    ticket = checkpointer.begin()
-                    ticket.commit_time = event.commit_ts / 1e6 + _PG_EPOCH_UNIX
-                    self.transaction = event
-                    self.begin_marked = False
-                elif isinstance(event, TransactionEnd):
-                    if ticket is None:
-                        raise DecodeError("Commit without Begin")
-                    if self.begin_marked:
-                        await self._marker("C", ticket, event.end_lsn)
-                    await publisher.end(ticket)
-                    checkpointer.commit(ticket, event.end_lsn)
-                    ticket = None
-                    stats.transactions += 1
-                    metrics.transactions += 1
-                else:
-                    if event.prefix == self.heartbeat_prefix:
-                        # Ours are published only with heartbeat.publish; others' never.
-                        outgoing = (
-                            self.heartbeat_router.route_message(event)
-                            if self.heartbeat_router is not None
-                            and _is_own_heartbeat(event.content, self.slot)
-                            else None
-                        )
-                    else:
-                        outgoing = router.route_message(event)
-                    if outgoing is None:
-                        continue
-                    index = event.index if event.transactional else -1
-                    if event.transactional:
-                        if ticket is None:
-                            raise DecodeError("transactional message outside a transaction")
-                        await self._open(ticket)
-                    if self._already_stored(event.commit_lsn, index):
-                        continue
-                    outgoing = self._fit(outgoing, None, None)
-                    if ticket is not None and event.transactional:
-                        await publisher.add(outgoing, ticket)
-                    else:
-                        owner = checkpointer.standalone(event.lsn)
-                        checkpointer.published(owner)
-                        await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
-
-
 async def _send_status(
     source: ReplicationSource, checkpointer: Checkpointer, progress: asyncio.Event, interval: float
 ) -> None:
@@ -1010,25 +726,6 @@ async def _send_status(
         await asyncio.sleep(STATUS_COALESCE_SECONDS)
 
 
-def _describe_schema_change(event: SchemaChange) -> str:
-    parts = []
-    if event.before.qualified_name != event.after.qualified_name:
-        parts.append(f"renamed from {event.before.qualified_name}")
-    for what, names in (
-        ("added", event.added),
-        ("dropped", event.dropped),
-        ("type changed", event.type_changed),
-    ):
-        if names:
-            parts.append(f"{what} {', '.join(names)}")
-    parts.extend(f"renamed {old} to {new}" for old, new in event.renamed.items())
-    if event.before.key_names != event.after.key_names:
-        parts.append(f"key now ({', '.join(event.after.key_names)})")
-    if event.before.replica_identity != event.after.replica_identity:
-        parts.append(f"replica identity now {event.after.replica_identity}")
-    return "; ".join(parts) or "column flags changed"
-
-
 def _unfinished(record: SnapshotRecord | None, confirmed: int) -> bool:
     """Whether ``record`` is an unfinished snapshot of the slot now at ``confirmed``.
 
@@ -1042,12 +739,3 @@ def _unfinished(record: SnapshotRecord | None, confirmed: int) -> bool:
 
 def _current_wal_lsn(reader: SnapshotReader) -> int:
     return reader.wal_position()
-
-
-def _is_own_heartbeat(content: bytes, slot: str) -> bool:
-    """Whether a heartbeat message was written by a bridge on our slot."""
-    try:
-        body = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(body, dict) and body.get("slot") == slot

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from cdc_bridge.config import Settings
-from cdc_bridge.pipeline import _is_own_heartbeat, stream_spec
+from cdc_bridge.pipeline import stream_spec
+from cdc_bridge.reader import _is_own_heartbeat
 
 
 @pytest.fixture(autouse=True)
