@@ -64,7 +64,6 @@ class ReplicationSource:
         self._send_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._socket = self._pgconn.socket
-        self._loop.add_reader(self._socket, self._readable.set)
         self._closed = False
         self.received_lsn = 0  # highest WAL position seen in the stream
         self.status_updates = 0
@@ -149,12 +148,11 @@ class ReplicationSource:
                     self.received_lsn = frame.wal_end
                 return frame
             if nbytes == 0:
-                self._readable.clear()
                 try:
                     # The server answers our status requests with keepalives, so silence
                     # this long means a dead network that no TCP error will report soon.
                     async with asyncio.timeout(self._receive_timeout):
-                        await self._readable.wait()
+                        await self._wait_readable()
                 except TimeoutError:
                     raise SourceError(
                         f"nothing received from PostgreSQL for {self._receive_timeout:g}s "
@@ -166,6 +164,20 @@ class ReplicationSource:
                     raise SourceError(f"replication connection lost: {_pq_error(pgconn)}") from None
                 continue
             raise SourceError(f"replication stream ended: {self._stream_end_reason()}")
+
+    async def _wait_readable(self) -> None:
+        """Wait until the socket has data.
+
+        The socket is watched only during this wait: a reader registered for good would
+        wake the event loop on every iteration while data waits unread (the pipeline
+        paused by backpressure), and spin it at 100% CPU.
+        """
+        self._readable.clear()
+        self._loop.add_reader(self._socket, self._readable.set)
+        try:
+            await self._readable.wait()
+        finally:
+            self._loop.remove_reader(self._socket)
 
     def _stream_end_reason(self) -> str:
         result = self._pgconn.get_result()
@@ -238,8 +250,7 @@ class ReplicationSource:
                         continue  # WAL sent before the server saw CopyDone: not confirmed
                     if nbytes < 0:
                         break
-                    self._readable.clear()
-                    await self._readable.wait()
+                    await self._wait_readable()
                     pgconn.consume_input()
                 while (result := pgconn.get_result()) is not None:
                     if result.status == pq.ExecStatus.COPY_BOTH:
@@ -252,7 +263,6 @@ class ReplicationSource:
         if self._closed:
             return
         self._closed = True
-        self._loop.remove_reader(self._socket)
         # Closing explicitly: leaving a `with` block would try to commit, which fails
         # while the connection is in COPY_BOTH.
         await _close_quietly(self._conn)
