@@ -5,6 +5,8 @@
 #   make test-pg15  the server tests again against Debian's PostgreSQL 15 (apt postgresql-15)
 #   make test-faults  the whole fault suite, long variants included
 #   make demo    cdc-bridge demo against embedded servers (ARGS="..." to pass options)
+#   make bench   benchmark against pg_recvlogical and mq-bridge (ARGS="--rows 50000 ...";
+#                see benchmarks/README.md); writes benchmarks/results/<date>.{json,md,png}
 #   make clean   remove the virtualenv and tool caches
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 
 .DEFAULT_GOAL := test
-.PHONY: venv .venv test test-pg15 test-faults lint demo clean
+.PHONY: venv .venv test test-pg15 test-faults lint demo bench clean
 
 venv .venv: $(VENV)/.installed-dev
 
@@ -40,6 +42,11 @@ $(VENV)/.installed-embedded: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -e '.[embedded]'
 	touch $@
 
+# The bench extra includes the embedded one too.
+$(VENV)/.installed-bench: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -e '.[bench]'
+	touch $(VENV)/.installed-embedded $@
+
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest -q
 
@@ -60,6 +67,9 @@ lint: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed-embedded
 	$(BIN)/cdc-bridge demo $(ARGS)
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

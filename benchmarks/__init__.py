@@ -1,0 +1,1 @@
+"""Benchmarks of cdc-bridge against its peers (``make bench``; see benchmarks/README.md)."""

@@ -1,0 +1,121 @@
+"""Turns a benchmark result into <stamp>.json, a markdown table (<stamp>.md) and charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "write_reports"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# cdc-bridge benchmark, {report['date']}",
+        "",
+        f"{machine['cpus']} CPUs ({machine['cpu']}), Python {machine['python']}, "
+        f"PostgreSQL {report.get('postgres', '?')}; all servers and contenders on this machine.",
+        "",
+    ]
+    for case in report["cases"]:
+        lines += [
+            f"## {case['case']}: {case['changes']:,} changes, {case['tx_size']:,} per "
+            f"transaction, mix {case['mix']} (insert/update/delete)",
+            "",
+            "| contender | rows/s (median) | min-max | warm rows/s | s | CPU s | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in case["contenders"].items():
+            if not s["ok"]:
+                lines.append(f"| {name} | — | {s['error'][:160]} | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {_fmt(s['rows_per_s'])} | {_fmt(s['rows_per_s_min'])}-"
+                f"{_fmt(s['rows_per_s_max'])} | {_fmt(s['warm_rows_per_s'])} | "
+                f"{s['seconds']:.2f} | {s['cpu_s']:.2f} | {s['peak_rss_mib']:.0f} |"
+            )
+        if case["ratios"]:
+            lines += ["", "| ratio (within each run) | median | min-max |", "|---|---:|---:|"]
+            for pair, r in case["ratios"].items():
+                lines.append(f"| {pair} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} |")
+        lines.append("")
+    latency = report.get("latency")
+    if latency:
+        h, s = latency["histogram"], latency["stored"]
+        lines += [
+            f"## latency: cdc-bridge at {latency['rate']:,.0f} changes/s for "
+            f"{latency['seconds']:.0f}s, {latency['tx_size']} per transaction",
+            "",
+            "| commit → PubAck | p50 ms | p99 ms | p99.9 ms | n |",
+            "|---|---:|---:|---:|---:|",
+            f"| stored time - commit_ts (exact, per message) | {s['p50'] * 1e3:.1f} | "
+            f"{s['p99'] * 1e3:.1f} | {s['p99.9'] * 1e3:.1f} | {s['count']:,.0f} |",
+            f"| bridge histogram (bucket-interpolated) | {h.get('p50', 0) * 1e3:.1f} | "
+            f"{h.get('p99', 0) * 1e3:.1f} | {h.get('p99.9', 0) * 1e3:.1f} | {h['count']:,.0f} |",
+            "",
+            f"Bridge CPU {latency['cpu_s']:.1f}s over the run, peak RSS "
+            f"{latency['peak_rss_mib']:.0f} MiB.",
+            "",
+        ]
+    big = report.get("big_transaction")
+    if big:
+        lines += ["## big transaction", ""]
+        if big["ok"]:
+            lines.append(
+                f"One transaction of {big['rows']:,} inserts: all in the stream "
+                f"{big['seconds_after_commit']:.1f}s after the commit "
+                f"({_fmt(big['rows_per_s'])} rows/s), bridge peak RSS {big['peak_rss_mib']} MiB."
+            )
+        else:
+            lines.append(f"Failed: {big['error'][-300:]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _charts(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for case in report["cases"]:
+        names = [n for n, s in case["contenders"].items() if s["ok"]]
+        if not names:
+            continue
+        stats = [case["contenders"][n] for n in names]
+        medians = [s["rows_per_s"] for s in stats]
+        errors = [
+            [m - s["rows_per_s_min"] for m, s in zip(medians, stats, strict=True)],
+            [s["rows_per_s_max"] - m for m, s in zip(medians, stats, strict=True)],
+        ]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.bar(names, medians, yerr=errors, capsize=4, color="#4878a8")
+        ax1.set_ylabel("rows/s (median, min-max)")
+        ax1.set_title(f"{case['case']}: {case['changes']:,} changes, {case['tx_size']}/tx")
+        ax2.bar(names, [s["peak_rss_mib"] for s in stats], color="#a86048")
+        ax2.set_ylabel("peak RSS (MiB)")
+        ax2.set_title("memory")
+        fig.tight_layout()
+        path = out / f"{stamp}-{case['case']}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_reports(report: dict[str, Any], out: Path, stamp: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stamp}.json", "md": out / f"{stamp}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(markdown(report))
+    for i, chart in enumerate(_charts(report, out, stamp)):
+        paths[f"png{i}"] = chart
+    return paths
