@@ -1,23 +1,33 @@
-"""Transaction → JetStream publishes: one atomic batch per transaction, or single messages.
+"""Transactions → JetStream publishes: whole transactions in atomic batches, or singles.
 
 With atomic batches (ADR-50) a transaction's messages become visible in the stream
-together, so a consumer never sees half of it. The batch's last message carries
-``Nats-Batch-Commit``, but the last message of a transaction is only known at its
-Commit; so each message is held back until the next one arrives (or the transaction
-ends), which keeps memory at one message instead of a whole transaction.
+together, so a consumer never sees half of it. An atomic batch costs the server a few
+milliseconds to commit, one at a time per stream, so one batch per transaction caps a
+stream at a few hundred transactions per second. Consecutive transactions therefore
+share a batch: a transaction's messages are collected until its end (at most one batch's
+worth, so memory stays bounded), then appended to the open batch if they fit, else the
+open batch is committed first. The reader commits the open batch whenever it has to wait
+for more WAL, between transactions: under load batches fill up, when quiet every
+transaction goes out at once. A batch never holds part of a transaction that would fit
+in one.
 
-A transaction of one message needs no batch (a single message is already atomic). A
-transaction larger than ``batch_size`` messages (the server allows 1,000), or whose
-batch grows past ``batch_bytes``, is committed in chunks: each chunk is atomic, the
-transaction as a whole is not; exactly-once still holds, because every message keeps
-its deterministic ``Nats-Msg-Id`` and the read-back position covers chunk boundaries.
+The batch's last message carries ``Nats-Batch-Commit``, so one message is always held
+back until the next one (or the commit) decides its headers. A batch of one message
+needs no batch headers (a single message is already atomic).
+
+A transaction larger than ``batch_size`` messages (the server allows 1,000), or than
+``batch_bytes``, is sent in chunks as it arrives: each chunk is atomic, the transaction
+as a whole is not; exactly-once still holds, because every message keeps its
+deterministic ``Nats-Msg-Id`` and the read-back position covers chunk boundaries.
+
+One PubAck acknowledges every transaction in its batch (:class:`TicketGroup`).
 """
 
 from __future__ import annotations
 
 import uuid
 
-from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
+from cdc_bridge.checkpoint import Checkpointer, TicketGroup, TransactionTicket
 from cdc_bridge.router import OutgoingMessage
 from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink
 
@@ -39,64 +49,115 @@ class TransactionPublisher:
         self._atomic = atomic
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
-        self._held: OutgoingMessage | None = None
+        # The open batch: members sent, and the last message, held back.
         self._batch_id: str | None = None
-        self._members = 0  # sent in the open batch, without the commit
+        self._members = 0
         self._member_bytes = 0
+        self._held: OutgoingMessage | None = None
+        self._group: list[TransactionTicket] = []  # transactions in it, each published once
+        # The open transaction's messages, not placed yet (it may still fit a batch).
+        self._collected: list[OutgoingMessage] = []
+        self._collected_bytes = 0
+        self._chunking = False  # the open transaction outgrew a batch: sent as it comes
 
     @property
     def atomic(self) -> bool:
         return self._atomic
 
     async def add(self, message: OutgoingMessage, ticket: TransactionTicket) -> None:
-        """Publish ``message`` of the open transaction ``ticket`` (perhaps a bit later)."""
+        """Publish ``message`` of the open transaction ``ticket`` (perhaps later)."""
         if not self._atomic:
-            await self._single(message, ticket)
+            self._checkpointer.published(ticket)
+            await self._sink.publish(message.subject, message.body, message.headers, ticket)
             return
-        held, self._held = self._held, message
-        if held is None:
+        if self._chunking:
+            await self._place(message, ticket)
             return
-        if self._batch_id is None:
-            await self._sink.open_batch()
-            self._batch_id = uuid.uuid4().hex
-        sequence = self._members + 1
-        full = (
-            sequence >= self._batch_size
-            or self._member_bytes + len(held.body) + BATCH_HEADER_BYTES >= self._batch_bytes
-        )
-        if full:
-            await self._commit(held, ticket)
-        else:
-            headers = held.headers
-            headers["Nats-Batch-Id"] = self._batch_id
-            headers["Nats-Batch-Sequence"] = str(sequence)
-            self._member_bytes += await self._sink.publish_batch_member(
-                held.subject, held.body, headers
-            )
-            self._members = sequence
+        self._collected.append(message)
+        self._collected_bytes += len(message.body) + BATCH_HEADER_BYTES
+        if len(self._collected) >= self._batch_size or self._collected_bytes >= self._batch_bytes:
+            # Too big for one batch: the open one goes first, then this one in chunks.
+            await self.flush()
+            self._chunking = True
+            for collected in self._take_collected():
+                await self._place(collected, ticket)
 
-    async def end(self, ticket: TransactionTicket) -> None:
-        """The transaction is complete: send what is held, committing the open batch."""
+    async def end(self, ticket: TransactionTicket, *, flush: bool = True) -> None:
+        """The transaction is complete: place it in the open batch; commit that if ``flush``."""
+        if not self._atomic:
+            return
+        if self._chunking:
+            self._chunking = False
+        else:
+            collected = self._take_collected()
+            if collected and not self._fits(collected):
+                await self.flush()
+            for message in collected:
+                await self._place(message, ticket)
+        if flush:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit the open batch (or send its one message), if there is one."""
         held, self._held = self._held, None
         if held is None:
             return
+        group, self._group = self._group, []
+        ticket = (
+            group[0]
+            if len(group) == 1
+            else TicketGroup(commit_time=max(t.commit_time for t in group), members=tuple(group))
+        )
         if self._batch_id is None:
-            await self._single(held, ticket)
-        else:
-            await self._commit(held, ticket)
-
-    async def _commit(self, message: OutgoingMessage, ticket: TransactionTicket) -> None:
-        assert self._batch_id is not None
-        headers = message.headers
+            await self._sink.publish(held.subject, held.body, held.headers, ticket)
+            return
+        headers = held.headers
         headers["Nats-Batch-Id"] = self._batch_id
         headers["Nats-Batch-Sequence"] = str(self._members + 1)
         headers["Nats-Batch-Commit"] = "1"
         batch = (self._members, self._member_bytes)
         self._batch_id = None
         self._members = self._member_bytes = 0
-        self._checkpointer.published(ticket)
-        await self._sink.publish(message.subject, message.body, headers, ticket, batch=batch)
+        await self._sink.publish(held.subject, held.body, headers, ticket, batch=batch)
 
-    async def _single(self, message: OutgoingMessage, ticket: TransactionTicket) -> None:
-        self._checkpointer.published(ticket)
-        await self._sink.publish(message.subject, message.body, message.headers, ticket)
+    def _take_collected(self) -> list[OutgoingMessage]:
+        collected, self._collected = self._collected, []
+        self._collected_bytes = 0
+        return collected
+
+    def _fits(self, messages: list[OutgoingMessage]) -> bool:
+        """Whether ``messages`` can join the open batch."""
+        held = self._held
+        if held is None:
+            return True
+        count = self._members + 1 + len(messages)
+        size = self._member_bytes + sum(len(m.body) + BATCH_HEADER_BYTES for m in (held, *messages))
+        return count <= self._batch_size and size < self._batch_bytes
+
+    async def _place(self, message: OutgoingMessage, ticket: TransactionTicket) -> None:
+        """Append ``message`` to the open batch: the held one goes out as a member first,
+        or commits the batch when it is full."""
+        held = self._held
+        if held is not None:
+            sequence = self._members + 1
+            full = (
+                sequence >= self._batch_size
+                or self._member_bytes + len(held.body) + BATCH_HEADER_BYTES >= self._batch_bytes
+            )
+            if full:
+                await self.flush()
+            else:
+                if self._batch_id is None:
+                    await self._sink.open_batch()
+                    self._batch_id = uuid.uuid4().hex
+                headers = held.headers
+                headers["Nats-Batch-Id"] = self._batch_id
+                headers["Nats-Batch-Sequence"] = str(sequence)
+                self._member_bytes += await self._sink.publish_batch_member(
+                    held.subject, held.body, headers
+                )
+                self._members = sequence
+        self._held = message
+        if not self._group or self._group[-1] is not ticket:
+            self._checkpointer.published(ticket)
+            self._group.append(ticket)

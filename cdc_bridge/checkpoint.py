@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Checkpointer", "TransactionTicket"]
+__all__ = ["Checkpointer", "TicketGroup", "TransactionTicket"]
 
 
 @dataclass(slots=True, eq=False)
@@ -26,6 +26,13 @@ class TransactionTicket:
     pending: int = 0
     end_lsn: int | None = None  # set at commit; None while the transaction is open
     commit_time: float = 0.0  # unix time of the commit (for metrics); 0 if unknown
+
+
+@dataclass(slots=True, eq=False)
+class TicketGroup(TransactionTicket):
+    """Several transactions published as one atomic batch: one PubAck acks them all."""
+
+    members: tuple[TransactionTicket, ...] = ()
 
 
 class Checkpointer:
@@ -52,6 +59,10 @@ class Checkpointer:
         ticket.pending += 1
 
     def acked(self, ticket: TransactionTicket) -> None:
+        if type(ticket) is TicketGroup:
+            for member in ticket.members:
+                self.acked(member)
+            return
         ticket.pending -= 1
         if ticket.pending == 0 and ticket.end_lsn is not None:
             self._advance()

@@ -210,8 +210,15 @@ class WalReader:
         kinds = metrics.pgoutput_messages
         table_ops: dict[int, dict[str, int]] = {}  # relation OID → its op counters
         monotonic = time.monotonic
+
+        async def idle() -> None:
+            # No more WAL at hand: commit the batch of the transactions read so far
+            # (never in the middle of one).
+            if ticket is None:
+                await publisher.flush()
+
         while True:
-            frame = await source.read_frame()
+            frame = await source.read_frame(idle)
             metrics.last_progress = monotonic()
             if type(frame) is PrimaryKeepalive:
                 metrics.server_wal_end = frame.wal_end
@@ -290,7 +297,9 @@ class WalReader:
                         raise DecodeError("Commit without Begin")
                     if self.begin_marked:
                         await self._marker("C", ticket, event.end_lsn)
-                    await publisher.end(ticket)
+                    # Kept open for the next transactions while WAL keeps coming;
+                    # committed by ``idle`` when the reader has to wait.
+                    await publisher.end(ticket, flush=False)
                     checkpointer.commit(ticket, event.end_lsn)
                     ticket = None
                     stats.transactions += 1
@@ -321,6 +330,7 @@ class WalReader:
                     else:
                         owner = checkpointer.standalone(event.lsn)
                         checkpointer.published(owner)
+                        await publisher.flush()  # what came before it goes first
                         await sink.publish(outgoing.subject, outgoing.body, outgoing.headers, owner)
 
 

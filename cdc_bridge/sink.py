@@ -67,8 +67,12 @@ class StreamSpec:
     duplicate_window: float = 120.0
 
 
-#: JetStream allows 50 atomic batches in flight per stream; stay below, leaving room.
-MAX_OPEN_BATCHES = 40
+#: Atomic batches awaiting their PubAck at most. JetStream allows 50 per stream, but
+#: commits them one at a time (a few ms each): more in flight only queue there, while
+#: waiting here lets the next batch grow (the publisher groups transactions).
+#: Measured at 2,000 changes/s in 10-change transactions: p99 commit→PubAck 63 ms with
+#: 2, 354 ms with 40.
+MAX_OPEN_BATCHES = 2
 #: Bytes the batch headers add to a message at most (id, sequence, commit).
 BATCH_HEADER_BYTES = 128
 #: JetStream error codes after which a new attempt may succeed.

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 import psycopg
 from psycopg import pq, sql
@@ -137,8 +138,14 @@ class ReplicationSource:
         """True while the replication stream is open."""
         return not self._closed and self._pgconn.status == pq.ConnStatus.OK
 
-    async def read_frame(self) -> XLogData | PrimaryKeepalive:
-        """The next CopyBoth frame; raises :class:`SourceError` when the stream ends."""
+    async def read_frame(
+        self, on_idle: Callable[[], Awaitable[None]] | None = None
+    ) -> XLogData | PrimaryKeepalive:
+        """The next CopyBoth frame; raises :class:`SourceError` when the stream ends.
+
+        ``on_idle`` is awaited once before waiting for the network, when no frame is
+        buffered: the moment to send what was being collected.
+        """
         pgconn = self._pgconn
         while True:
             nbytes, data = pgconn.get_copy_data(1)
@@ -148,6 +155,10 @@ class ReplicationSource:
                     self.received_lsn = frame.wal_end
                 return frame
             if nbytes == 0:
+                if on_idle is not None:
+                    await on_idle()
+                    on_idle = None
+                    continue  # data may have come in meanwhile
                 try:
                     # The server answers our status requests with keepalives, so silence
                     # this long means a dead network that no TCP error will report soon.

@@ -10,7 +10,6 @@ against it message by message.
 from __future__ import annotations
 
 import random
-import re
 import string
 import uuid
 from dataclasses import dataclass, field
@@ -211,7 +210,7 @@ def test_committed_changes_reach_the_stream_exactly(
     expected = [(t, change) for t in work.committed for change in t.changes]
     assert len(messages) == len(expected), bridge.log_text()
     previous_commit = 0
-    batch_ids: dict[int, str] = {}  # xid → the atomic batch id of its transaction
+    batches: list[tuple[int, dict[str, str]]] = []  # (xid, batch headers) per message
     for message, (transaction, change) in zip(messages, expected, strict=True):
         body = message.body
         source = body["source"]
@@ -241,21 +240,40 @@ def test_committed_changes_reach_the_stream_exactly(
         else:
             assert message.subject == f"cdc.public.conversations.{change.op}"
         headers = dict(message.headers)
-        # A transaction of several changes is one atomic batch; a single change is not.
-        batch: dict[str, str] = {}
-        if len(transaction.changes) > 1:
-            batch_id = batch_ids.setdefault(transaction.xid, headers.get("Nats-Batch-Id", ""))
-            assert re.fullmatch(r"[0-9a-f]{32}", batch_id)
-            batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(change.index + 1)}
-            if change.index == len(transaction.changes) - 1:
-                batch["Nats-Batch-Commit"] = "1"
+        batch = {k: headers.pop(k) for k in list(headers) if k.startswith("Nats-Batch-")}
+        batches.append((transaction.xid, batch))
         assert headers == {
             "Nats-Msg-Id": f"cdc_bridge:{format_lsn(commit_lsn)}:{change.index}",
             "Cdc-Op": change.op,
             "Cdc-Table": "public.conversations",
             "Cdc-Commit-Lsn": format_lsn(commit_lsn),
             "Cdc-Index": str(change.index),
-            **batch,
         }
-    assert len(set(batch_ids.values())) == len(batch_ids) == 2  # one batch per transaction
+    _assert_whole_transactions_in_batches(batches)
     assert all("never committed" not in str(m.body) for m in messages)
+
+
+def _assert_whole_transactions_in_batches(batches: list[tuple[int, dict[str, str]]]) -> None:
+    """Atomic batches hold whole transactions (consecutive ones may share a batch), with
+    sequences 1..n in stream order and the commit flag on the last message only; a
+    message without batch headers is a transaction of one change, alone."""
+    by_batch: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for xid, headers in batches:
+        if not headers:
+            assert sum(1 for x, _ in batches if x == xid) == 1, "an unbatched multi-change tx"
+            continue
+        by_batch.setdefault(headers["Nats-Batch-Id"], []).append((xid, headers))
+    seen: dict[int, str] = {}
+    order = [h.get("Nats-Batch-Id") for _, h in batches if h]
+    for batch_id, members in by_batch.items():
+        positions = [i for i, b in enumerate(order) if b == batch_id]
+        assert positions == list(range(positions[0], positions[0] + len(members)))
+        assert [h["Nats-Batch-Sequence"] for _, h in members] == [
+            str(n) for n in range(1, len(members) + 1)
+        ]
+        assert [h.get("Nats-Batch-Commit") for _, h in members] == [None] * (len(members) - 1) + [
+            "1"
+        ]
+        for xid, _ in members:
+            assert seen.setdefault(xid, batch_id) == batch_id, f"xid {xid} split over batches"
+    assert by_batch, "no atomic batch at all"

@@ -312,3 +312,65 @@ async def test_read_back_lists_what_is_stored_since_the_confirmed_lsn(
         assert short.holds(Position(0x20, 1)) is False
     finally:
         await nc.close()
+
+
+async def test_consecutive_transactions_share_a_batch_and_a_big_one_starts_its_own(
+    nats: Any, stream_name: str
+) -> None:
+    bridge = await Bridge.open(nats.url, stream_name, batch_size=4)
+    try:
+        publisher = bridge.publisher()
+        tickets = []
+        for lsn, count in ((0x100, 1), (0x200, 2), (0x300, 1), (0x400, 6)):
+            ticket = bridge.checkpointer.begin()
+            tickets.append(ticket)
+            for index in range(count):
+                await publisher.add(message(lsn, index), ticket)
+            await publisher.end(ticket, flush=False)  # the reader flushes when idle
+            bridge.checkpointer.commit(ticket, lsn + 1)
+            if lsn == 0x300:
+                await asyncio.sleep(0.2)
+                # Three transactions, no batch committed yet: nothing may be confirmed.
+                assert bridge.checkpointer.confirmed_lsn == 0
+        await publisher.flush()
+        assert await bridge.sink.drain(10)
+        assert bridge.checkpointer.confirmed_lsn == 0x401
+        assert all(t.pending == 0 for t in tickets)
+    finally:
+        await bridge.sink.close()
+    headers = [dict(m.headers) for m in await stream_messages(nats.url, stream_name)]
+    ids = [h["Nats-Msg-Id"].removeprefix("s1:0/") for h in headers]
+    assert ids == ["100:0", "200:0", "200:1", "300:0", *(f"400:{i}" for i in range(6))]
+    batches = [h["Nats-Batch-Id"] for h in headers]
+    # The three small transactions (4 messages) fill one batch; the 6-message one is
+    # bigger than a batch: it starts a batch of its own and is cut at 4.
+    assert batches[0] == batches[3] != batches[4] == batches[7] != batches[8] == batches[9]
+    assert [h["Nats-Batch-Sequence"] for h in headers] == list("1234123412")
+    assert [h.get("Nats-Batch-Commit") for h in headers] == [None, None, None, "1"] * 2 + [
+        None,
+        "1",
+    ]
+
+
+async def test_a_small_transaction_that_does_not_fit_waits_for_the_next_batch(
+    nats: Any, stream_name: str
+) -> None:
+    bridge = await Bridge.open(nats.url, stream_name, batch_size=4)
+    try:
+        publisher = bridge.publisher()
+        for lsn, count in ((0x100, 3), (0x200, 2)):
+            ticket = bridge.checkpointer.begin()
+            for index in range(count):
+                await publisher.add(message(lsn, index), ticket)
+            await publisher.end(ticket, flush=False)
+            bridge.checkpointer.commit(ticket, lsn + 1)
+        await publisher.flush()
+        assert await bridge.sink.drain(10)
+        assert bridge.checkpointer.confirmed_lsn == 0x201
+    finally:
+        await bridge.sink.close()
+    headers = [dict(m.headers) for m in await stream_messages(nats.url, stream_name)]
+    batches = [h["Nats-Batch-Id"] for h in headers]
+    # 3 + 2 > 4: the second transaction is not split across batches.
+    assert batches[0] == batches[2] != batches[3] == batches[4]
+    assert [h.get("Nats-Batch-Commit") for h in headers] == [None, None, "1", None, "1"]
