@@ -261,7 +261,13 @@ class WalReader:
                     if self._already_stored(event.commit_lsn, event.index):
                         continue
                     table = event.table.qualified_name
-                    outgoing = self._fit(outgoing, table, event.key)
+                    try:
+                        outgoing = self._fit(outgoing, table, event.key)
+                    except PublishError:
+                        # Stop exactly at this change: what came before it goes out
+                        # (and is confirmed), nothing after it.
+                        await publisher.flush()
+                        raise
                     await publisher.add(outgoing, ticket)
                     stats.changes += 1
                     ops = table_ops.get(event.table.oid)
