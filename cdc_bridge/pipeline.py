@@ -376,13 +376,26 @@ class _Session:
             metrics.standby_reason = None
             await sink.close()
 
+    async def _stand_by(self, busy: SlotBusyError, *, first: bool) -> bool:
+        """Wait ``reconnect.standby_interval`` while another process has the slot.
+
+        False if the bridge was stopped meanwhile.
+        """
+        interval = self.settings.reconnect.standby_interval
+        if first:
+            log.warning("standing by: %s; trying again every %gs", busy, interval)
+        self.metrics.standby_reason = f"standing by: {busy}"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await self.stop.wait()
+        return not self.stop.is_set()
+
     async def _take_slot(
         self, confirmed: int, sink: JetStreamSink[TransactionTicket]
     ) -> tuple[ReplicationSource, int] | None:
         """Open the replication stream; while another process has the slot, stand by."""
         settings, metrics = self.settings, self.metrics
         pg = settings.postgres
-        interval = settings.reconnect.standby_interval
         waited = False
         # Setup has worked: from here on a lost connection is retried, not fatal.
         self.established = True
@@ -400,15 +413,9 @@ class _Session:
                     metrics=metrics,
                 )
             except SlotBusyError as exc:
-                if not waited:
-                    log.warning("standing by: %s; trying again every %gs", exc, interval)
-                waited = True
-                metrics.standby_reason = f"standing by: {exc}"
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval):
-                        await self.stop.wait()
-                if self.stop.is_set():
+                if not await self._stand_by(exc, first=not waited):
                     return None
+                waited = True
                 continue
             metrics.standby_reason = None
             break
@@ -479,7 +486,6 @@ class _Session:
             record = await store.get()
             if not _unfinished(record, confirmed):
                 return True
-            interval = settings.reconnect.standby_interval
             waited = False
             while reader is None:
                 try:
@@ -490,15 +496,9 @@ class _Session:
                         connect_timeout=pg.connect_timeout,
                     )
                 except SlotBusyError as exc:
-                    if not waited:
-                        log.warning("standing by: %s; trying again every %gs", exc, interval)
-                    waited = True
-                    self.metrics.standby_reason = f"standing by: {exc}"
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(interval):
-                            await self.stop.wait()
-                    if self.stop.is_set():
+                    if not await self._stand_by(exc, first=not waited):
                         return False
+                    waited = True
             self.metrics.standby_reason = None
             try:
                 record = await store.get()  # another bridge may have finished it meanwhile
