@@ -107,12 +107,13 @@ class WalReader:
         self.filters = build_filters(settings.tables)
 
     async def _open(self, ticket: TransactionTicket) -> None:
-        """Before the first message of a transaction: its B marker, if markers are on.
+        """Before the first message of a transaction: its B marker (markers are on; the
+        callers check, so that the hot path creates no coroutine per change without them).
 
         Called before that message's read-back check, so that the marker is checked in
         stream order too (it precedes every message of its transaction).
         """
-        if self.markers is not None and not self.begin_marked:
+        if not self.begin_marked:
             self.begin_marked = True
             await self._marker("B", ticket, 0)
 
@@ -257,7 +258,8 @@ class WalReader:
                         continue
                     if ticket is None:
                         raise DecodeError("row change outside a transaction")
-                    await self._open(ticket)
+                    if self.markers is not None:
+                        await self._open(ticket)
                     if self._already_stored(event.commit_lsn, event.index):
                         continue
                     table = event.table.qualified_name
@@ -291,7 +293,8 @@ class WalReader:
                     if outgoing is not None:
                         if ticket is None:
                             raise DecodeError("schema change outside a transaction")
-                        await self._open(ticket)
+                        if self.markers is not None:
+                            await self._open(ticket)
                         await publisher.add(outgoing, ticket)
                 elif isinstance(event, TransactionBegin):
                     ticket = checkpointer.begin()
@@ -327,7 +330,8 @@ class WalReader:
                     if event.transactional:
                         if ticket is None:
                             raise DecodeError("transactional message outside a transaction")
-                        await self._open(ticket)
+                        if self.markers is not None:
+                            await self._open(ticket)
                     if self._already_stored(event.commit_lsn, index):
                         continue
                     outgoing = self._fit(outgoing, None, None)
