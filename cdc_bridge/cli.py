@@ -351,6 +351,75 @@ def tail(
     _exit_with(job)
 
 
+@main.command()
+@_config_option
+@click.argument("table", required=False)
+@click.option(
+    "--where", help="Only the rows matching this SQL condition (ANDed with tables.<t>.where)."
+)
+@click.option("--detach", is_flag=True, help="Request it and exit; do not follow the progress.")
+@click.option("--watch", "watch_id", metavar="ID", help="Follow a requested backfill.")
+@click.option("--cancel", "cancel_id", metavar="ID", help="Cancel a backfill.")
+@click.option("--list", "list_all", is_flag=True, help="List this slot's backfills.")
+@_json_option
+def backfill(
+    config_path: str | None,
+    table: str | None,
+    where: str | None,
+    detach: bool,
+    watch_id: str | None,
+    cancel_id: str | None,
+    list_all: bool,
+    as_json: bool,
+) -> None:
+    """Re-send a table's rows (op "read") while the stream goes on: an online backfill.
+
+    The running bridge reads TABLE in chunks between watermarks in the WAL, so that no
+    row overtakes a newer change (README "Snapshots and backfills"). This command
+    stores the request (NATS KV bucket cdc-bridge-backfills) and shows the progress until
+    it ends: exit 0 when done, 1 when cancelled or failed. Ctrl-C detaches; the backfill
+    goes on. A crashed or restarted bridge resumes after the last acknowledged chunk.
+
+    \b
+    Examples:
+      cdc-bridge backfill -c config.yaml public.conversations
+      cdc-bridge backfill -c config.yaml public.conversations --where "id > 1000"
+      cdc-bridge backfill -c config.yaml --list
+      cdc-bridge backfill -c config.yaml --cancel 20261127T161502-3fa2
+    """
+    from cdc_bridge.admin.backfill import (
+        cancel_backfill,
+        list_backfills,
+        request_backfill,
+        watch_backfill,
+    )
+
+    chosen = [x for x in (table, watch_id, cancel_id, list_all or None) if x]
+    if len(chosen) != 1:
+        _fail("give one of: TABLE, --watch ID, --cancel ID, --list", EXIT_CONFIG)
+    if where is not None and table is None:
+        _fail("--where needs a TABLE", EXIT_CONFIG)
+    settings = _admin_settings(config_path)
+    code = EXIT_FAILURE
+
+    async def go(stop: asyncio.Event) -> None:
+        nonlocal code
+        if table is not None:
+            code = await request_backfill(settings, table, where, detach=detach, stop=stop)
+        elif watch_id is not None:
+            code = await watch_backfill(settings, watch_id, stop=stop)
+        elif cancel_id is not None:
+            code = await cancel_backfill(settings, cancel_id)
+        else:
+            code = await list_backfills(settings, as_json=as_json)
+
+    def job() -> int:
+        run_until_signalled(go)
+        return code
+
+    _exit_with(job)
+
+
 @main.group("config")
 def config_group() -> None:
     """Inspect the configuration."""

@@ -603,6 +603,12 @@ class SnapshotSettings(_Section):
         le=1_000_000,
         description="rows per keyset page (memory holds one page); progress is kept per page",
     )
+    max_rows_per_second: float = Field(
+        default=0.0,
+        ge=0,
+        description="pace of snapshots and backfills, so that they leave the database and "
+        "the stream room; 0: as fast as they go",
+    )
 
 
 #: Where heartbeat messages go when ``heartbeat.publish`` is true.

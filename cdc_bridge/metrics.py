@@ -174,6 +174,13 @@ class BridgeMetrics:
         self.already_published = 0  # messages skipped: the stream held them (read-back)
         self.filtered_changes = 0  # left out by tables.<t>.ops
         self.dead_letters = 0
+        # Online backfills (backfill.py): the running one's table and estimate.
+        self.backfill_rows = 0
+        self.backfill_dropped = 0
+        self.backfill_chunks = 0
+        self.backfill_reread_chunks = 0
+        self.backfill_table: str | None = None
+        self.backfill_estimated = 0
         # Histograms.
         self.publish_duration = LightHistogram(PUBLISH_BUCKETS)
         self.commit_to_ack = LightHistogram(COMMIT_TO_ACK_BUCKETS)
@@ -362,6 +369,31 @@ class BridgeCollector(Collector):
             "oversized messages replaced by a marker on nats.dead_letter_subject",
             m.dead_letters,
         )
+        yield _counter(
+            "cdc_bridge_backfill_rows",
+            "rows published by online backfills (op read, acknowledged)",
+            m.backfill_rows,
+        )
+        yield _counter(
+            "cdc_bridge_backfill_dropped_rows",
+            "backfill rows left out because a concurrent change in the stream is newer",
+            m.backfill_dropped,
+        )
+        yield _counter("cdc_bridge_backfill_chunks", "backfill chunks published", m.backfill_chunks)
+        yield _counter(
+            "cdc_bridge_backfill_reread_chunks",
+            "backfill chunks read again (the table changed shape meanwhile, or an older "
+            "commit was not visible yet)",
+            m.backfill_reread_chunks,
+        )
+        running = GaugeMetricFamily(
+            "cdc_bridge_backfill_estimated_rows",
+            "the planner's estimate of the running backfill's rows (absent when none runs)",
+            labels=["table"],
+        )
+        if m.backfill_table is not None:
+            running.add_metric([m.backfill_table], m.backfill_estimated)
+        yield running
         yield _gauge(
             "cdc_bridge_standby",
             "1 while waiting for the slot another process streams from",

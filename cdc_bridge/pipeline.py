@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from cdc_bridge.backfill import BackfillRunner, BackfillStore
 from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import (
     ChangeAssembler,
@@ -80,6 +81,7 @@ from cdc_bridge.snapshot import (
     run_snapshot,
 )
 from cdc_bridge.source import ReplicationSource
+from cdc_bridge.watermarks import Watermarks
 
 __all__ = ["BridgeStats", "run_bridge", "stream_spec"]
 
@@ -584,6 +586,7 @@ class _Session:
             ack_timeout=max(settings.nats.ack_timeout, 1.0) * 2,
             stop=self.stop,
             metrics=self.metrics,
+            rows_per_second=settings.snapshot.max_rows_per_second,
         )
 
     async def _stream(
@@ -604,6 +607,7 @@ class _Session:
         )
         router = self._router()
         publisher = self._publisher(sink, checkpointer)
+        watermarks = Watermarks(slot)
         reader = asyncio.create_task(
             WalReader(
                 settings,
@@ -623,8 +627,21 @@ class _Session:
                 stats,
                 metrics,
                 stored,
+                watermarks,
             ).run(),
             name="wal-reader",
+        )
+        # Online backfills (cdc-bridge backfill): never fatal, not waited on below.
+        backfills = asyncio.create_task(
+            BackfillRunner(
+                settings,
+                state,
+                BackfillStore(sink.client, stream=settings.nats.stream, slot=slot),
+                watermarks,
+                lambda: checkpointer.confirmed_lsn,
+                metrics,
+            ).run(),
+            name="backfills",
         )
         status = asyncio.create_task(
             _send_status(source, checkpointer, self.progress, settings.postgres.status_interval),
@@ -678,7 +695,7 @@ class _Session:
                     sink.in_flight,
                 )
         finally:
-            tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped]  # type: ignore[list-item]
+            tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped, backfills]  # type: ignore[list-item]
             if beat is not None:
                 tasks.append(beat)  # type: ignore[arg-type]
             for pending in tasks:

@@ -42,6 +42,7 @@ from cdc_bridge.readback import (
 from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
 from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink
 from cdc_bridge.source import ReplicationSource
+from cdc_bridge.watermarks import WATERMARK_PREFIX, ChunkOutcome, ChunkRequest, Watermarks
 
 if TYPE_CHECKING:
     from cdc_bridge.pipeline import BridgeStats
@@ -70,6 +71,7 @@ class WalReader:
         stats: BridgeStats,
         metrics: BridgeMetrics,
         stored: ReadBack | None,
+        watermarks: Watermarks | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -105,6 +107,8 @@ class WalReader:
         self.begin_marked = False  # the open transaction's B marker went out (or was there)
         # None when no table filters or masks anything: then changes cost nothing here.
         self.filters = build_filters(settings.tables)
+        # Online backfills' watermarks (backfill.py); None: no backfills in this session.
+        self.watermarks = watermarks
 
     async def _open(self, ticket: TransactionTicket) -> None:
         """Before the first message of a transaction: its B marker (markers are on; the
@@ -197,6 +201,58 @@ class WalReader:
             key=key,
         )
 
+    async def _publish_chunk(
+        self, chunk: ChunkRequest, ticket: TransactionTicket, lsn: int
+    ) -> None:
+        """A backfill chunk at its high watermark (message ``lsn``): its rows that no
+        concurrent change overtook, as op ``read`` messages of the watermark's own
+        transaction, so that they are confirmed with it."""
+        assert self.watermarks is not None
+        assert chunk.result is not None
+        transaction = self.transaction
+        assert transaction is not None
+        rows = self.watermarks.select(chunk)
+        info = chunk.table
+        if rows is None or info is None:
+            chunk.result.set_result(None)  # read it again
+            return
+        if self.markers is not None:
+            await self._open(ticket)
+        filters, router, publisher = self.filters, self.router, self.publisher
+        commit_lsn = transaction.commit_lsn
+        key_names = info.key_names
+        commit_text = format_lsn(commit_lsn)
+        published = 0
+        for row in rows:
+            change = Change(
+                op="read",
+                table=info,
+                key={k: row.get(k) for k in key_names} if key_names else None,
+                after=row,
+                before=None,
+                unchanged_toast=[],
+                lsn=lsn,
+                commit_lsn=commit_lsn,
+                xid=transaction.xid,
+                commit_ts=transaction.commit_ts,
+                # After the watermark message's own index (0): a position of its own.
+                index=published + 1,
+            )
+            if filters is not None and not filters.apply(change):
+                continue
+            outgoing = router.route_read(change, f"{self.slot}:{commit_text}:{published + 1}")
+            if outgoing is None:
+                continue
+            outgoing.headers["Cdc-Backfill"] = chunk.backfill_id
+            try:
+                outgoing = self._fit(outgoing, info.qualified_name, change.key)
+            except PublishError:
+                await publisher.flush()
+                raise
+            await publisher.add(outgoing, ticket)
+            published += 1
+        chunk.result.set_result(ChunkOutcome(commit_lsn, published, len(chunk.rows) - len(rows)))
+
     async def run(self) -> None:
         source, sink, checkpointer, publisher = (
             self.source,
@@ -206,6 +262,8 @@ class WalReader:
         )
         router, stats, metrics = self.router, self.stats, self.metrics
         filters = self.filters
+        watermarks = self.watermarks
+        recent_commits = watermarks.recent_commits if watermarks is not None else None
         ticket: TransactionTicket | None = None
         unrouted: set[int] = set()  # relations already warned about
         kinds = metrics.pgoutput_messages
@@ -232,11 +290,19 @@ class WalReader:
             message = decode_message(frame.payload)  # type: ignore[union-attr]
             kinds[type(message)] += 1
             if type(message) is Relation:
+                if watermarks is not None:
+                    tracker = watermarks.tracker
+                    if tracker is not None and tracker.oid == message.oid:
+                        tracker.reshape()
                 router.forget_table(message.oid)
                 unrouted.discard(message.oid)
                 table_ops.pop(message.oid, None)  # its name may have changed
             for event in self.assembler.feed(message, frame.wal_start):  # type: ignore[union-attr]
                 if isinstance(event, Change):
+                    if watermarks is not None:  # a backfill's reads must not overtake it
+                        tracker = watermarks.tracker
+                        if tracker is not None and event.table.oid == tracker.oid:
+                            tracker.observe(event)
                     # ops, columns, masks; a change left out still ends its transaction.
                     if filters is not None and not filters.apply(event):
                         metrics.filtered_changes += 1
@@ -311,9 +377,23 @@ class WalReader:
                     await publisher.end(ticket, flush=False)
                     checkpointer.commit(ticket, event.end_lsn)
                     ticket = None
+                    if recent_commits is not None and self.transaction is not None:
+                        recent_commits.append(self.transaction.xid)
                     stats.transactions += 1
                     metrics.transactions += 1
                 else:
+                    if event.prefix == WATERMARK_PREFIX:
+                        # Transactional (their commit flushes the WAL, so they arrive
+                        # at once); never published themselves.
+                        chunk = (
+                            watermarks.on_message(event.content, event.lsn)
+                            if watermarks is not None and ticket is not None
+                            else None
+                        )
+                        if chunk is not None:
+                            assert ticket is not None
+                            await self._publish_chunk(chunk, ticket, event.lsn)
+                        continue
                     if event.prefix == self.heartbeat_prefix:
                         # Ours are published only with heartbeat.publish; others' never.
                         outgoing = (

@@ -60,6 +60,7 @@ __all__ = [
     "SnapshotRecord",
     "SnapshotTarget",
     "create_slot_exporting",
+    "pace_rows",
     "run_snapshot",
     "snapshot_msg_id",
 ]
@@ -307,16 +308,15 @@ class SnapshotReader:
         """Up to ``limit`` rows after key ``after`` (None: from the start), in key order."""
         keys = sql.SQL(", ").join(sql.Identifier(c) for c in table.page_columns)
         conditions: list[sql.Composable] = []
-        params: list[Any] = []
         if table.where:
             conditions.append(sql.SQL("({})").format(sql.SQL(table.where)))
         if after is not None:
+            # Literals, not parameters: with none, a '%' in the WHERE clause stays itself.
             conditions.append(
                 sql.SQL("({}) > ({})").format(
-                    keys, sql.SQL(", ").join(sql.Placeholder() * len(after))
+                    keys, sql.SQL(", ").join(sql.Literal(v) for v in after)
                 )
             )
-            params.extend(after)
         query = sql.SQL(
             "SELECT {columns} FROM {table}{where} ORDER BY {keys} LIMIT {limit}"
         ).format(
@@ -330,7 +330,26 @@ class SnapshotReader:
             keys=keys,
             limit=sql.Literal(limit),
         )
-        return self._conn.execute(query, params).fetchall()
+        return self._conn.execute(query).fetchall()
+
+    def page_in_snapshot(
+        self, table: SnapshotTable, after: Sequence[str | None] | None, limit: int
+    ) -> tuple[str, list[tuple[str | None, ...]]]:
+        """A page read in a fresh ``REPEATABLE READ`` snapshot, and that snapshot
+        (``pg_current_snapshot()`` text) for the backfill's watermark bookkeeping."""
+        conn = self._conn
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        try:
+            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            rows = self.page(table, after, limit)
+        finally:
+            conn.execute("COMMIT")
+        return str(row[0]), rows
+
+    def execute(self, query: sql.Composable | str, params: Sequence[Any] | None = None) -> Any:
+        """One statement outside any page (the backfill's watermarks, its estimate)."""
+        return self._conn.execute(query, params)  # type: ignore[arg-type]
 
     def wal_position(self) -> int:
         """The server's current WAL position (for a snapshot without a slot)."""
@@ -341,6 +360,13 @@ class SnapshotReader:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._conn.close()  # ends the transaction and releases the lock
+
+
+async def pace_rows(rows: int, started: float, rows_per_second: float) -> None:
+    """Sleep so that ``rows`` read since ``started`` (monotonic) keep to the pace
+    (``snapshot.max_rows_per_second``; 0: no limit)."""
+    if rows_per_second > 0:
+        await asyncio.sleep(max(0.0, rows / rows_per_second - (time.monotonic() - started)))
 
 
 def _key_text(columns: Sequence[str], values: Sequence[str | None]) -> str:
@@ -418,6 +444,7 @@ async def run_snapshot(
     ack_timeout: float,
     stop: asyncio.Event,
     metrics: BridgeMetrics | None = None,
+    rows_per_second: float = 0.0,
 ) -> bool:
     """Publish every target's rows not yet acknowledged; True when the whole snapshot is.
 
@@ -470,6 +497,7 @@ async def run_snapshot(
                         asyncio.to_thread(reader.page, table, last_key, chunk_size)
                     )
                 chunk = progress.chunks
+                chunk_started = time.monotonic()
                 ticket = checkpointer.begin()
                 for number, values in enumerate(rows):
                     row = {
@@ -519,6 +547,7 @@ async def run_snapshot(
                     break
                 if stop.is_set():
                     return False
+                await pace_rows(len(rows), chunk_started, rows_per_second)
         finally:
             if not fetch.done():
                 fetch.cancel()

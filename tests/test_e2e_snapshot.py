@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -25,11 +24,16 @@ import pytest
 
 from tests.fixtures.bridge import (
     BridgeProcess,
-    StreamedMessage,
     read_stream,
     wait_for_messages,
     wait_slot_inactive,
     write_config,
+)
+from tests.fixtures.tables import (
+    Mutator,
+    assert_converges,
+    assert_no_duplicate_ids,
+    fill_rows,
 )
 from tests.fixtures.workload import Workload, create_workload_table
 
@@ -47,7 +51,7 @@ def cleanup() -> Iterator[list[Any]]:
             thing.stop_quietly()
         elif isinstance(thing, Workload):
             thing.stop_background()
-        elif isinstance(thing, _Mutator):
+        elif isinstance(thing, Mutator):
             thing.stop()
 
 
@@ -78,111 +82,6 @@ def _slot_exists(dsn: str) -> bool:
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
         ).fetchone()
     return bool(row and row[0])
-
-
-def _fold(messages: list[StreamedMessage], table: str) -> dict[Any, dict[str, Any]]:
-    """The table as the stream tells it: read/insert/update set a row, delete removes it."""
-    state: dict[Any, dict[str, Any]] = {}
-    for message in messages:
-        if message.headers.get("Cdc-Table") != table:
-            continue
-        body = message.body
-        key = orjson.dumps(body["key"], option=orjson.OPT_SORT_KEYS)
-        if body["op"] in ("read", "insert", "update"):
-            assert not body["unchanged_toast"], body
-            state[key] = body["after"]
-        elif body["op"] == "delete":
-            state.pop(key, None)
-    return state
-
-
-def _table_rows(dsn: str, table: str, key: str = "id") -> dict[Any, dict[str, Any]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(f"SELECT id, version, body FROM {table}").fetchall()
-    return {
-        orjson.dumps({key: r[0]}, option=orjson.OPT_SORT_KEYS): {
-            "id": r[0],
-            "version": r[1],
-            "body": r[2],
-        }
-        for r in rows
-    }
-
-
-def _assert_converges(
-    dsn: str, url: str, stream: str, table: str, timeout: float = 60.0
-) -> list[StreamedMessage]:
-    deadline = time.monotonic() + timeout
-    while True:
-        messages = read_stream(url, stream)
-        got = _fold(messages, f"public.{table}")
-        want = _table_rows(dsn, table)
-        if got == want:
-            return messages
-        if time.monotonic() > deadline:
-            missing = [k for k in want if k not in got][:5]
-            extra = [k for k in got if k not in want][:5]
-            wrong = [k for k in want if k in got and got[k] != want[k]][:5]
-            raise AssertionError(
-                f"stream ≠ table: {len(got)} vs {len(want)} rows; missing {missing}, "
-                f"extra {extra}, different {wrong}"
-            )
-        time.sleep(0.5)
-
-
-def _assert_no_duplicate_ids(messages: list[StreamedMessage]) -> None:
-    ids = Counter(m.headers["Nats-Msg-Id"] for m in messages)
-    twice = [i for i, n in ids.items() if n > 1]
-    assert not twice, f"duplicate Nats-Msg-Id: {twice[:5]}"
-
-
-def _fill(dsn: str, table: str, rows: int) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            f"INSERT INTO {table} (id, version, body) "
-            "SELECT g, 1, 'row ' || g FROM generate_series(1, %s) g",
-            (rows,),
-        )
-
-
-class _Mutator:
-    """Updates and deletes random rows of the pre-filled key range in a thread, and
-    inserts new ones, each in its own small transaction, until stopped."""
-
-    def __init__(self, dsn: str, table: str, high: int, seed: int) -> None:
-        self.dsn, self.table, self.high = dsn, table, high
-        self.rng = random.Random(seed)
-        self._stop = threading.Event()
-        self.count = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        next_id = self.high + 1
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self._stop.is_set():
-                key = self.rng.randint(1, self.high)
-                roll = self.rng.random()
-                if roll < 0.6:
-                    conn.execute(
-                        f"UPDATE {self.table} SET version = version + 1, "
-                        "body = md5(random()::text) WHERE id = %s",
-                        (key,),
-                    )
-                elif roll < 0.8:
-                    conn.execute(f"DELETE FROM {self.table} WHERE id = %s", (key,))
-                else:
-                    conn.execute(
-                        f"INSERT INTO {self.table} (id, version, body) VALUES (%s, 1, 'new')",
-                        (next_id,),
-                    )
-                    next_id += 1
-                self.count += 1
-                time.sleep(0.001)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 def _snapshot_rate(log_text: str) -> tuple[int, float]:
@@ -388,12 +287,12 @@ def test_snapshot_of_100k_rows_under_concurrent_writes_equals_the_table(
     seed = random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
     create_workload_table(database, "items")
-    _fill(database, "items", 100_000)
+    fill_rows(database, "items", 100_000)
     # The workload writes its own id ranges; the mutator the pre-filled rows.
     workload = Workload(database, "items", workers=2, rate=20.0, large_ops=(50, 200), seed=seed)
     cleanup.append(workload)
     workload.start_background()
-    mutator = _Mutator(database, "items", 100_000, seed)
+    mutator = Mutator(database, "items", 100_000, seed)
     cleanup.append(mutator)
     bridge = BridgeProcess(
         _config(
@@ -410,8 +309,8 @@ def test_snapshot_of_100k_rows_under_concurrent_writes_equals_the_table(
     time.sleep(2)  # streaming under load
     mutator.stop()
     workload.stop_background()
-    messages = _assert_converges(database, nats.url, stream_name, "items")
-    _assert_no_duplicate_ids(messages)
+    messages = assert_converges(database, nats.url, stream_name, "items")
+    assert_no_duplicate_ids(messages)
     rows, rate = _snapshot_rate(bridge.log_text())
     assert rows >= 100_000 - mutator.count  # deleted ones may be gone at the snapshot
     assert bridge.terminate() == 0
@@ -428,8 +327,8 @@ def test_bridge_killed_mid_snapshot_resumes_after_the_last_acked_chunk(
     seed = random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
     create_workload_table(database, "items")
-    _fill(database, "items", 60_000)
-    mutator = _Mutator(database, "items", 60_000, seed)
+    fill_rows(database, "items", 60_000)
+    mutator = Mutator(database, "items", 60_000, seed)
     cleanup.append(mutator)
     bridge = BridgeProcess(
         _config(
@@ -460,8 +359,8 @@ def test_bridge_killed_mid_snapshot_resumes_after_the_last_acked_chunk(
     assert f'after key {{\\"id\\":\\"{last_key}\\"}}' in resumed[0], resumed[0]
     assert "relying on the duplicate window alone" not in text  # the read-back stops early
     mutator.stop()
-    messages = _assert_converges(database, nats.url, stream_name, "items")
-    _assert_no_duplicate_ids(messages)
+    messages = assert_converges(database, nats.url, stream_name, "items")
+    assert_no_duplicate_ids(messages)
     assert bridge.terminate() == 0
     reads = Counter(m.body["key"]["id"] for m in messages if m.body["op"] == "read")
     # Rows of the acknowledged chunks were not read again.
