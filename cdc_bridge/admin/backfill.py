@@ -77,6 +77,9 @@ def _describe(record: BackfillRecord) -> str:
 
 def _progress_line(record: BackfillRecord) -> str:
     done = record.rows + record.dropped
+    if record.final:
+        rate = f", {record.rate:,.0f} rows/s" if record.rate else ""
+        return f"{record.status}: {record.rows:,} rows published in {record.chunks} chunks{rate}"
     if record.estimated_rows:
         share = min(100.0, 100.0 * done / record.estimated_rows)
         bar = "#" * int(share / 5)
