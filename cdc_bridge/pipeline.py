@@ -54,6 +54,7 @@ from cdc_bridge.http_server import HttpServer
 from cdc_bridge.logs import bind_log_context
 from cdc_bridge.lsn import Lsn, format_lsn
 from cdc_bridge.metrics import BridgeMetrics, SlotCollector
+from cdc_bridge.oversized import PayloadLimit
 from cdc_bridge.provisioning import (
     DatabaseState,
     TableRequest,
@@ -587,6 +588,9 @@ class _Session:
             stop=self.stop,
             metrics=self.metrics,
             rows_per_second=settings.snapshot.max_rows_per_second,
+            limit=PayloadLimit.from_settings(
+                settings, sink, self.metrics, atomic=sink.atomic_batches
+            ),
         )
 
     async def _stream(

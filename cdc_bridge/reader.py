@@ -32,6 +32,7 @@ from cdc_bridge.errors import (
 from cdc_bridge.filters import build_filters
 from cdc_bridge.lsn import format_lsn
 from cdc_bridge.metrics import BridgeMetrics
+from cdc_bridge.oversized import PayloadLimit
 from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS, PrimaryKeepalive, Relation, decode_message
 from cdc_bridge.readback import (
     BEGIN_MARKER_INDEX,
@@ -39,8 +40,8 @@ from cdc_bridge.readback import (
     Position,
     ReadBack,
 )
-from cdc_bridge.router import OutgoingMessage, Router, dead_letter_marker
-from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink
+from cdc_bridge.router import OutgoingMessage, Router
+from cdc_bridge.sink import JetStreamSink
 from cdc_bridge.source import ReplicationSource
 from cdc_bridge.watermarks import WATERMARK_PREFIX, ChunkOutcome, ChunkRequest, Watermarks
 
@@ -84,11 +85,7 @@ class WalReader:
         self.metrics = metrics
         self.slot = settings.postgres.slot
         self.heartbeat_prefix = settings.heartbeat.prefix
-        self.dead_letter_subject = (
-            settings.nats.dead_letter_subject if settings.nats.oversized == "dead-letter" else None
-        )
-        # Room the batch headers need, when messages go out in atomic batches.
-        self.size_margin = BATCH_HEADER_BYTES if publisher.atomic else 0
+        self.limit = PayloadLimit.from_settings(settings, sink, metrics, atomic=publisher.atomic)
         # What the stream holds already of what the slot sends again: not re-sent.
         self.stored = stored
         envelope = settings.envelope
@@ -165,42 +162,6 @@ class WalReader:
         )
         return False
 
-    def _fit(self, outgoing: OutgoingMessage, table: str | None, key: object) -> OutgoingMessage:
-        """``outgoing``, or its dead-letter marker when it is too large for NATS."""
-        sink = self.sink
-        size = sink.message_size(outgoing.subject, outgoing.body, outgoing.headers)
-        size += self.size_margin
-        if size <= sink.max_payload:
-            return outgoing
-        what = f"{outgoing.headers.get('Cdc-Op', 'message')} of {table or 'a message'}"
-        where = f"key {orjson.dumps(key, default=str).decode()} " if key is not None else ""
-        if self.dead_letter_subject is None:
-            self.metrics.publish_failed("too_large")
-            raise PublishError(
-                f"the {what} {where}at commit {outgoing.headers.get('Cdc-Commit-Lsn')} is "
-                f"{size} bytes, over the NATS server's max_payload of {sink.max_payload}: "
-                "raise max_payload in nats-server, or set nats.oversized: dead-letter",
-                subject=outgoing.subject,
-            )
-        log.warning(
-            "the %s %sis %d bytes, over max_payload %d: publishing a marker to %s instead",
-            what,
-            where,
-            size,
-            sink.max_payload,
-            self.dead_letter_subject,
-            extra={"table": table},
-        )
-        self.metrics.dead_letters += 1
-        return dead_letter_marker(
-            outgoing,
-            subject=self.dead_letter_subject,
-            size=size,
-            max_payload=sink.max_payload,
-            table=table,
-            key=key,
-        )
-
     async def _publish_chunk(
         self, chunk: ChunkRequest, ticket: TransactionTicket, lsn: int
     ) -> None:
@@ -245,7 +206,7 @@ class WalReader:
                 continue
             outgoing.headers["Cdc-Backfill"] = chunk.backfill_id
             try:
-                outgoing = self._fit(outgoing, info.qualified_name, change.key)
+                outgoing = self.limit.fit(outgoing, info.qualified_name, change.key)
             except PublishError:
                 await publisher.flush()
                 raise
@@ -330,7 +291,7 @@ class WalReader:
                         continue
                     table = event.table.qualified_name
                     try:
-                        outgoing = self._fit(outgoing, table, event.key)
+                        outgoing = self.limit.fit(outgoing, table, event.key)
                     except PublishError:
                         # Stop exactly at this change: what came before it goes out
                         # (and is confirmed), nothing after it.
@@ -414,7 +375,7 @@ class WalReader:
                             await self._open(ticket)
                     if self._already_stored(event.commit_lsn, index):
                         continue
-                    outgoing = self._fit(outgoing, None, None)
+                    outgoing = self.limit.fit(outgoing, None, None)
                     if ticket is not None and event.transactional:
                         await publisher.add(outgoing, ticket)
                     else:

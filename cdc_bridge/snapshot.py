@@ -41,10 +41,18 @@ from psycopg.types.string import TextLoader
 from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import Change, TableInfo
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
-from cdc_bridge.errors import ConnectError, SetupError, SinkError, SlotBusyError, first_line
+from cdc_bridge.errors import (
+    ConnectError,
+    PublishError,
+    SetupError,
+    SinkError,
+    SlotBusyError,
+    first_line,
+)
 from cdc_bridge.filters import ChangeFilters
 from cdc_bridge.lsn import Lsn, format_lsn, parse_lsn
 from cdc_bridge.metrics import BridgeMetrics
+from cdc_bridge.oversized import PayloadLimit
 from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS
 from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.provisioning import TableCatalog
@@ -445,6 +453,7 @@ async def run_snapshot(
     stop: asyncio.Event,
     metrics: BridgeMetrics | None = None,
     rows_per_second: float = 0.0,
+    limit: PayloadLimit | None = None,
 ) -> bool:
     """Publish every target's rows not yet acknowledged; True when the whole snapshot is.
 
@@ -522,8 +531,15 @@ async def run_snapshot(
                     outgoing = router.route_read(
                         change, snapshot_msg_id(slot, record.run, target.name, chunk, number)
                     )
-                    if outgoing is not None:
-                        await publisher.add(outgoing, ticket)
+                    if outgoing is None:
+                        continue
+                    if limit is not None:
+                        try:
+                            outgoing = limit.fit(outgoing, target.name, change.key)
+                        except PublishError:
+                            await publisher.flush()  # the rows before it go out first
+                            raise
+                    await publisher.add(outgoing, ticket)
                 await publisher.end(ticket)
                 checkpointer.commit(ticket, lsn)
                 if not await sink.drain(ack_timeout):

@@ -238,6 +238,8 @@ def test_backfill_resumes_after_sigkill_and_can_be_cancelled(
     assert requested.returncode == 0, requested.stderr
     assert "follow it with: cdc-bridge backfill --watch" in requested.stdout
     before = _wait_record(nats.url, stream_name, lambda r: r["chunks"] >= 6)
+    # Paced: each chunk took at least its rows / max_rows_per_second.
+    assert before["rows"] / before["active_seconds"] <= 4000
     bridge.kill()
     stored = _records(nats.url, stream_name)[-1]
     assert stored["status"] == "running"

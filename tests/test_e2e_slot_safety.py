@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,48 @@ def test_an_oversized_row_becomes_a_dead_letter_marker_and_streaming_goes_on(
     assert messages[2].body["after"] == {"id": 3, "body": "after"}
     assert "over max_payload 4096: publishing a marker to cdc.too_big" in bridge.log_text()
     assert slot_state(database, "cdc_bridge")[0] >= end  # confirmed past the marker
+
+
+def test_oversized_snapshot_and_backfill_rows_become_dead_letter_markers(
+    database: str, small_nats: LocalNats, tmp_path: Path
+) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO t VALUES (1, 'small'), (2, repeat('x', 10000)), (3, 'after')")
+    # Subjects of its own: the module's other stream on this server has t.* and cdc.*.
+    config = write_config(
+        tmp_path / "config.yaml",
+        dsn=database,
+        nats_url=small_nats.url,
+        stream="deadletter_reads",
+        tables={"public.t": {"subject": "reads.{op}"}},
+        extra={"nats": {"oversized": "dead-letter", "dead_letter_subject": "reads.too_big"}},
+    )
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    bridge.start()
+    try:
+        backfill = subprocess.run(
+            [sys.executable, "-m", "cdc_bridge", "backfill", "-c", str(config), "public.t"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert backfill.returncode == 0, backfill.stderr
+        assert bridge.terminate() == 0
+    finally:
+        bridge.stop_quietly()
+    messages = read_stream(small_nats.url, "deadletter_reads")
+    assert [m.subject for m in messages] == ["reads.read", "reads.too_big", "reads.read"] * 2
+    snapshot_marker, backfill_marker = messages[1], messages[4]
+    for marker in (snapshot_marker, backfill_marker):
+        assert marker.headers["Cdc-Dead-Letter"] == "oversized"
+        assert marker.headers["Cdc-Op"] == "read"
+        assert marker.body["key"] == {"id": 2}
+        assert marker.body["op"] == "read"
+    assert ":snapshot:" in snapshot_marker.headers["Nats-Msg-Id"]
+    assert "Cdc-Backfill" in backfill_marker.headers
+    assert bridge.log_text().count("over max_payload 4096: publishing a marker") == 2
 
 
 def test_a_message_refused_by_the_stream_is_resent_after_the_fix_not_skipped(

@@ -241,7 +241,8 @@ def test_snapshot_modes_never_and_initial_only(
             nats.url,
             stream_name,
             tables,
-            snapshot={"mode": "initial_only", "chunk_size": 10},
+            # Paced: 10-row chunks at 40 rows/s, so at least 0.25 s after each full one.
+            snapshot={"mode": "initial_only", "chunk_size": 10, "max_rows_per_second": 40},
         ),
         tmp_path / "only.log",
     )
@@ -250,6 +251,8 @@ def test_snapshot_modes_never_and_initial_only(
     assert only.process is not None
     assert only.process.wait(60) == 0, only.log_text()
     assert not _slot_exists(database)
+    [took] = re.findall(r"snapshot complete: 25 rows published in ([\d.]+)s", only.log_text())
+    assert float(took) >= 0.5
     messages = read_stream(nats.url, stream_name)
     assert [m.body["after"]["id"] for m in messages] == list(range(1, 26))
     assert {m.body["op"] for m in messages} == {"read"}
