@@ -195,6 +195,17 @@ class BackfillStore:
         except Exception as exc:
             raise SinkError(f"cannot store backfill {record.id} in NATS KV: {exc}") from None
 
+    async def last_sequence(self) -> int:
+        """The bucket's newest write (0 without a bucket): unchanged, nothing to look at."""
+        try:
+            kv = await self._bucket(create=False)
+            if kv is None:
+                return 0
+            status = await kv.status()
+        except Exception as exc:
+            raise SinkError(f"cannot read NATS KV bucket {BACKFILL_BUCKET}: {exc}") from None
+        return int(status.stream_info.state.last_seq)
+
     async def all(self) -> list[tuple[BackfillRecord, int]]:
         """Every record of this stream and slot, oldest request first."""
         try:
@@ -251,6 +262,7 @@ class BackfillRunner:
         self.confirmed_lsn = confirmed_lsn
         self.metrics = metrics
         self.poll_interval = poll_interval
+        self._looked_at = -1  # the bucket's last sequence when it held nothing to run
 
     async def run(self) -> None:
         while True:
@@ -274,9 +286,14 @@ class BackfillRunner:
                 self.metrics.backfill_table = None
 
     async def _next(self) -> tuple[BackfillRecord, int] | None:
+        # A listing is a consumer on the bucket: only when something was written.
+        sequence = await self.store.last_sequence()
+        if sequence == self._looked_at:
+            return None
         for record, revision in await self.store.all():
             if not record.final:
                 return record, revision
+        self._looked_at = sequence
         return None
 
     async def _save(self, record: BackfillRecord, revision: int) -> int:
