@@ -109,6 +109,7 @@ class BackfillRecord:
     chunks: int = 0
     reread_chunks: int = 0
     last_key: list[str | None] | None = None
+    key_columns: list[str] | None = None  # what last_key holds (the chunks' order)
     active_seconds: float = 0.0  # time spent running (for the rate), across sessions
     error: str | None = None
 
@@ -343,7 +344,18 @@ class BackfillRunner:
                 tuple(self.state.key_columns.get(record.table, ())),
                 type_aliases=self.state.type_aliases,
                 where=combined_where(table_settings.where, record.where),
+                by_identity=True,
             )
+            if record.key_columns != list(table.page_columns):
+                if record.last_key is not None:  # the table's key changed since
+                    log.warning(
+                        "backfill %s: %s is now read by (%s), not (%s): starting over",
+                        record.id,
+                        record.table,
+                        ", ".join(table.page_columns),
+                        ", ".join(record.key_columns or ()),
+                    )
+                record.key_columns, record.last_key = list(table.page_columns), None
             if record.estimated_rows is None:
                 record.estimated_rows = await asyncio.to_thread(_estimate, reader, table)
             self.metrics.backfill_table = record.table
@@ -434,6 +446,15 @@ class BackfillRunner:
             assert chunk.result is not None
             outcome = await chunk.result
             if outcome is None:
+                table = await asyncio.to_thread(
+                    reader.table,
+                    record.table,
+                    self.state.tables[record.table],
+                    table.info.key_names,
+                    type_aliases=self.state.type_aliases,
+                    where=table.where,
+                    by_identity=True,
+                )  # in its new shape, if that was why
                 record.reread_chunks += 1
                 metrics.backfill_reread_chunks += 1
                 log.info(

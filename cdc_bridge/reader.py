@@ -251,10 +251,6 @@ class WalReader:
             message = decode_message(frame.payload)  # type: ignore[union-attr]
             kinds[type(message)] += 1
             if type(message) is Relation:
-                if watermarks is not None:
-                    tracker = watermarks.tracker
-                    if tracker is not None and tracker.oid == message.oid:
-                        tracker.reshape()
                 router.forget_table(message.oid)
                 unrouted.discard(message.oid)
                 table_ops.pop(message.oid, None)  # its name may have changed
@@ -304,6 +300,10 @@ class WalReader:
                         ops = table_ops[event.table.oid] = metrics.table_ops(table)
                     ops[event.op] += 1
                 elif isinstance(event, SchemaChange):
+                    if watermarks is not None:  # a backfill chunk read in the old shape
+                        tracker = watermarks.tracker
+                        if tracker is not None and event.after.oid == tracker.oid:
+                            tracker.reshape()
                     if filters is not None:  # never show a left-out column, even by name
                         event = dataclasses.replace(
                             event,

@@ -264,8 +264,14 @@ class SnapshotReader:
         *,
         type_aliases: Mapping[int, int],
         where: str | None,
+        by_identity: bool = False,
     ) -> SnapshotTable:
-        """The columns pgoutput would send (generated ones are not), typed by OID."""
+        """The columns pgoutput would send (generated ones are not), typed by OID.
+
+        Pages go in primary-key order; with ``by_identity``, in the order of a REPLICA
+        IDENTITY USING INDEX (the columns a streamed delete carries, which an online
+        backfill needs to recognise the rows a delete touched).
+        """
         conn = self._conn
         rows = conn.execute(
             """
@@ -296,6 +302,8 @@ class SnapshotReader:
             type_modifiers=tuple(int(r[3]) for r in rows),
         )
         page_columns = catalog.primary_key or tuple(key_names)
+        if by_identity and catalog.replica_identity == "i" and catalog.identity_columns:
+            page_columns = tuple(catalog.identity_columns)
         missing = [c for c in page_columns if c not in names]
         if not page_columns or missing:
             raise SetupError(

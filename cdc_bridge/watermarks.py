@@ -21,7 +21,8 @@ transaction that S does not see but whose commit precedes the high watermark:
 A transaction that committed before the backfill began but is still invisible to S
 would have gone unrecorded: the chunk is read again instead (rare: it needs a commit to
 stay invisible for the whole start of the backfill). So is a chunk during which the
-table changed shape.
+table changed shape, or one whose stale rows cannot be named (a delete that carries
+only the columns of a REPLICA IDENTITY USING INDEX other than the chunk's key).
 
 This module is pure bookkeeping, driven by the reader (``reader.py``) and fed by the
 runner; it holds no connection.
@@ -58,6 +59,9 @@ RECENT_COMMITS = 1 << 16
 
 _XID_MASK = 0xFFFFFFFF
 _TRUNCATED = b"*"  # a touched "key" meaning: the whole table was truncated
+# A touched row whose key columns the change does not carry (a delete under REPLICA
+# IDENTITY USING INDEX of other columns): the chunk cannot tell which row it was.
+_UNKNOWN = b"?"
 
 
 def _xid_precedes(a: int, b: int) -> bool:
@@ -133,10 +137,10 @@ class TableTracker:
             keys.append(_TRUNCATED)
         else:
             columns = self.key_columns
-            if change.after is not None:
-                keys.append(row_key(change.after, columns))
-            if change.before is not None:
-                keys.append(row_key(change.before, columns))
+            for row in (change.after, change.before):
+                if row is not None:
+                    known = all(c in row for c in columns)
+                    keys.append(row_key(row, columns) if known else _UNKNOWN)
         if self.window is not None:
             self.window.add(change.xid)
 
@@ -160,6 +164,8 @@ class TableTracker:
         for xid in stale_xids:
             stale.update(self.touched.get(xid, ()))
         self._forget_before(snapshot.xmin)
+        if _UNKNOWN in stale:
+            return None
         if _TRUNCATED in stale:
             return []
         if not stale:

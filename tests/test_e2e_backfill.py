@@ -20,6 +20,7 @@ from typing import Any
 
 import nats as nats_client
 import orjson
+import psycopg
 import pytest
 
 from tests.fixtures.bridge import BridgeProcess, read_stream, write_config
@@ -216,6 +217,56 @@ def test_backfill_under_concurrent_writes_equals_the_table(
         f"published, {record['dropped']} left out, {record['reread_chunks']} chunks read "
         f"again, {elapsed:.1f}s end to end ({rows / elapsed:.0f} rows/s)"
     )
+
+
+def test_backfill_of_a_table_whose_deletes_carry_another_unique_index(
+    database: str, nats: Any, stream_name: str, tmp_path: Path, cleanup: list[Any]
+) -> None:
+    """REPLICA IDENTITY USING INDEX (uid): a delete names its row by uid only, so the
+    chunks go in uid order and a delete overtaking a chunk is still recognised."""
+    rows = 3_000
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, version int NOT NULL, body text, "
+            "uid bigserial NOT NULL)"
+        )
+        conn.execute("CREATE UNIQUE INDEX items_uid ON items (uid)")
+        conn.execute("ALTER TABLE items REPLICA IDENTITY USING INDEX items_uid")
+    fill_rows(database, "items", rows)
+    config = _config(tmp_path, database, nats.url, stream_name, chunk_size=100)
+    bridge = BridgeProcess(config, tmp_path / "bridge.log")
+    cleanup.append(bridge)
+    bridge.start()
+    mutator = Mutator(database, "items", rows, seed=11)
+    cleanup.append(mutator)
+    done = _cli(config, "public.items")
+    mutator.stop()
+    assert done.returncode == 0, done.stderr
+
+    def table() -> dict[int, dict[str, Any]]:
+        with psycopg.connect(database, autocommit=True) as conn:
+            found = conn.execute("SELECT uid, id, version, body FROM items").fetchall()
+        return {r[0]: {"uid": r[0], "id": r[1], "version": r[2], "body": r[3]} for r in found}
+
+    deadline = time.monotonic() + 60
+    while True:
+        messages = read_stream(nats.url, stream_name)
+        folded: dict[int, dict[str, Any]] = {}
+        for message in messages:
+            body = message.body
+            if body["op"] == "delete":
+                folded.pop(body["before"]["uid"], None)
+            else:
+                folded[body["after"]["uid"]] = body["after"]
+        if folded == table() or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert folded == table()
+    assert_no_duplicate_ids(messages)
+    [record] = _records(nats.url, stream_name)
+    assert record["key_columns"] == ["uid"]
+    assert record["status"] == "done"
+    assert bridge.terminate() == 0
 
 
 @pytest.mark.faults

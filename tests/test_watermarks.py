@@ -108,6 +108,22 @@ def test_a_missed_commit_older_than_the_backfill_means_reading_the_chunk_again()
     assert tracker.close_window([{"id": 1, "v": "x"}], XidSnapshot(57, 60, frozenset())) is None
 
 
+def test_a_touched_row_without_the_chunks_key_columns_means_reading_the_chunk_again() -> None:
+    # A delete under REPLICA IDENTITY USING INDEX carries that index's columns only.
+    tracker = TableTracker(TABLE.oid, ("id",), earlier_commits=set())
+    tracker.open_window()
+    delete = _change(30, "delete", 1)
+    assert delete.before is not None
+    delete.before = {"v": "by index"}
+    tracker.observe(delete)
+    assert tracker.close_window([{"id": 1, "v": "x"}], XidSnapshot(30, 31, frozenset())) is None
+    # Outside the window and visible to the snapshot: no doubt about the chunk.
+    tracker.open_window()
+    assert tracker.close_window([{"id": 1, "v": "x"}], XidSnapshot(31, 31, frozenset())) == [
+        {"id": 1, "v": "x"}
+    ]
+
+
 def test_xids_wrap_around_when_forgetting() -> None:
     tracker = TableTracker(TABLE.oid, ("id",), earlier_commits=set())
     tracker.observe(_change(0xFFFFFFF0, "update", 1, 1))  # before the wrap
