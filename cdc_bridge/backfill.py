@@ -275,6 +275,8 @@ class BackfillRunner:
                 await self._run(*record)
             except asyncio.CancelledError:
                 raise
+            except _Cancelled:  # its record was deleted by hand
+                continue
             except (ConnectError, SinkError) as exc:
                 log.warning("backfill paused: %s; retrying", exc)
                 await asyncio.sleep(max(self.poll_interval, 5.0))
@@ -458,8 +460,9 @@ class BackfillRunner:
                 record.reread_chunks += 1
                 metrics.backfill_reread_chunks += 1
                 log.info(
-                    "backfill %s: reading chunk %d of %s again (the table changed shape, or "
-                    "a transaction older than the backfill was not visible yet)",
+                    "backfill %s: reading chunk %d of %s again (the table changed shape, a "
+                    "row it cannot name was touched, or a transaction older than the "
+                    "backfill was not visible yet)",
                     record.id,
                     record.chunks,
                     record.table,
