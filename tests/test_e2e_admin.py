@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats as nats_client
 import orjson
 import psycopg
 import pytest
@@ -134,9 +135,12 @@ def test_check_good_setup_passes(
         "nats.jetstream",
         f"stream {stream_name}",
         "nats.max_payload",
+        "nats.atomic_batches",
     ):
         assert name in rows, result.stdout
     assert "all checks passed" in result.stdout
+    # setup created the stream as run does: allowing atomic batches.
+    assert "each transaction is stored as a whole" in result.stdout
 
     as_json = cli("check", "-c", str(config), "--json")
     assert as_json.returncode == 0
@@ -205,6 +209,33 @@ def test_check_stream_that_misses_subjects(
     assert result.returncode == 1
     assert _rows(result.stdout)[f"stream {stream_name}"] == "✗"
     assert "but not x.*" in result.stdout
+
+
+def test_check_warns_about_a_stream_without_atomic_batches(
+    database: str, nats: Any, stream_name: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(TABLE)
+    config = _config(tmp_path, database, nats, stream_name)
+
+    async def create_plain_stream() -> None:
+        nc = await nats_client.connect(nats.url)
+        try:
+            await nc.jetstream().add_stream(name=stream_name, subjects=["cdc.>"])
+        finally:
+            await nc.close()
+
+    run_async(create_plain_stream())
+    result = cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stdout  # a warning, not a failure
+    assert _rows(result.stdout)["nats.atomic_batches"] == "!"
+    assert (
+        f"stream {stream_name} does not allow them: transactions are stored message by message"
+        in result.stdout
+    )
+    assert f"fix: set allow_atomic: true in the configuration of stream {stream_name}" in (
+        result.stdout
+    )
 
 
 @pytest.fixture(scope="module")

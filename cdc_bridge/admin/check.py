@@ -289,6 +289,7 @@ async def nats_checks(settings: Settings) -> list[Check]:
             return checks
         checks.append(_ok("nats.jetstream", "enabled"))
         checks.append(await _stream_check(settings, nc))
+        checks.append(await _atomic_check(settings, nc))
         return checks
     finally:
         await jetstream.close(nc)
@@ -316,6 +317,32 @@ async def _stream_check(settings: Settings, nc: NatsClient) -> Check:
             "or change the subject templates",
         )
     return _ok(name, f"captures {wanted} ({info.state.messages} messages)")
+
+
+async def _atomic_check(settings: Settings, nc: NatsClient) -> Check:
+    """Whether each transaction will be stored as a whole (nats.atomic_batches)."""
+    name = "nats.atomic_batches"
+    if not settings.nats.atomic_batches:
+        return _ok(name, "off: messages are published one at a time")
+    version = nc.connected_server_version
+    if (version.major, version.minor) < (2, 12):
+        return _warn(
+            name,
+            f"nats-server {version.major}.{version.minor}.{version.patch} has none (2.12+): "
+            "a transaction's messages are stored one by one, consumers may see part of one",
+            "upgrade nats-server to 2.12 or newer, or set nats.atomic_batches: false",
+        )
+    stream = settings.nats.stream
+    info = await jetstream.stream_info(nc, stream)
+    if info is None:
+        return _ok(name, f"supported; the stream {stream} will be created allowing them")
+    if not info.config.allow_atomic:
+        return _warn(
+            name,
+            f"stream {stream} does not allow them: transactions are stored message by message",
+            f"set allow_atomic: true in the configuration of stream {stream}",
+        )
+    return _ok(name, "each transaction is stored as a whole")
 
 
 async def run_checks(settings: Settings) -> list[Check]:

@@ -52,7 +52,8 @@ async def run_setup(settings: Settings) -> int:
         name="cdc-bridge-setup",
     )
     try:
-        await sink.ensure_stream(spec)
+        # As run creates it: allowing atomic batches when they are wanted and possible.
+        await sink.ensure_stream(spec, atomic_batches=settings.nats.atomic_batches)
     finally:
         await sink.close()
     subjects = ", ".join(spec.subjects)
