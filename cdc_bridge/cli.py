@@ -223,8 +223,8 @@ def check(config_path: str | None, as_json: bool) -> None:
     Checks the server version (14+), wal_level, free replication slots and WAL senders,
     the role's replication privilege, each table (exists, key, replica identity, subject
     placeholders), the publication, the slot (plugin, wal_status, lag), NATS, JetStream,
-    the stream, max_payload and atomic batches. Prints ✓ / ! (warning) / ✗ per check, with the fix for
-    each ✗. Exit 0 if nothing failed, 1 otherwise.
+    the stream, max_payload and atomic batches. Prints ✓ / ! (warning) / ✗ per check,
+    with the fix for each ✗. Exit 0 if nothing failed, 1 otherwise.
 
     \b
     Examples:
