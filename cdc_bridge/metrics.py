@@ -193,6 +193,7 @@ class BridgeMetrics:
         self.sink: _Sink | None = None
         self.checkpoint: _Checkpoint | None = None
         self.standby_reason: str | None = None  # set while waiting for a busy slot
+        self.snapshotting: str | None = None  # set while the initial snapshot runs
         if registry is not None:
             registry.register(BridgeCollector(self))
 
@@ -214,6 +215,15 @@ class BridgeMetrics:
         ``cdc_bridge_standby`` and the text tell the roles apart.
         """
         now = time.monotonic() if now is None else now
+        if self.snapshotting is not None:
+            # Not streaming yet, but doing its job: a snapshot of a big table takes
+            # longer than a rollout waits for readiness.
+            if self.sink is None or not self.sink.connected:
+                return False, f"{self.snapshotting}, but not connected to NATS"
+            idle = now - (self.last_progress or 0.0)
+            if idle > self.ready_timeout:
+                return False, f"{self.snapshotting}, but no chunk acknowledged for {idle:.0f}s"
+            return True, f"ready, {self.snapshotting}"
         if self.standby_reason is not None:
             if self.sink is None or not self.sink.connected:
                 return False, "standing by, but not connected to NATS"

@@ -570,28 +570,31 @@ class _Session:
             )
             for name, table in settings.tables.items()
         ]
-        return await run_snapshot(
-            reader,
-            record,
-            store,
-            targets,
-            lsn=lsn,
-            slot=settings.postgres.slot,
-            chunk_size=settings.snapshot.chunk_size,
-            type_aliases=state.type_aliases,
-            router=self._router(),
-            filters=build_filters(settings.tables),
-            sink=sink,
-            checkpointer=checkpointer,
-            publisher=self._publisher(sink, checkpointer),
-            ack_timeout=max(settings.nats.ack_timeout, 1.0) * 2,
-            stop=self.stop,
-            metrics=self.metrics,
-            rows_per_second=settings.snapshot.max_rows_per_second,
-            limit=PayloadLimit.from_settings(
-                settings, sink, self.metrics, atomic=sink.atomic_batches
-            ),
-        )
+        try:
+            return await run_snapshot(
+                reader,
+                record,
+                store,
+                targets,
+                lsn=lsn,
+                slot=settings.postgres.slot,
+                chunk_size=settings.snapshot.chunk_size,
+                type_aliases=state.type_aliases,
+                router=self._router(),
+                filters=build_filters(settings.tables),
+                sink=sink,
+                checkpointer=checkpointer,
+                publisher=self._publisher(sink, checkpointer),
+                ack_timeout=max(settings.nats.ack_timeout, 1.0) * 2,
+                stop=self.stop,
+                metrics=self.metrics,
+                rows_per_second=settings.snapshot.max_rows_per_second,
+                limit=PayloadLimit.from_settings(
+                    settings, sink, self.metrics, atomic=sink.atomic_batches
+                ),
+            )
+        finally:
+            self.metrics.snapshotting = None  # /readyz: the snapshot's rules end here
 
     async def _stream(
         self,

@@ -495,6 +495,9 @@ async def run_snapshot(
             )
         else:
             log.info("snapshot of %s starting", target.name, extra={"table": target.name})
+        if metrics is not None:
+            metrics.snapshotting = f"taking the initial snapshot ({target.name})"
+            metrics.last_progress = time.monotonic()
         table_started = time.monotonic()
         table_rows = 0
         converters = info.converters

@@ -270,6 +270,27 @@ async def test_http_server_survives_a_silent_client() -> None:
         await server.close()
 
 
+def test_the_initial_snapshot_is_ready_while_its_chunks_are_acknowledged() -> None:
+    metrics = BridgeMetrics(ready_timeout=60)
+    metrics.snapshotting = "taking the initial snapshot (public.t)"
+    assert metrics.readiness(now=100) == (
+        False,
+        "taking the initial snapshot (public.t), but not connected to NATS",
+    )
+    metrics.sink = FakeSink()
+    metrics.last_progress = 50.0
+    assert metrics.readiness(now=100) == (True, "ready, taking the initial snapshot (public.t)")
+    assert metrics.readiness(now=111) == (
+        False,
+        "taking the initial snapshot (public.t), but no chunk acknowledged for 61s",
+    )
+    metrics.snapshotting = None  # streaming now: its own rules
+    assert metrics.readiness(now=100) == (
+        False,
+        "the replication stream from PostgreSQL is not open",
+    )
+
+
 def test_a_standby_is_ready_while_it_keeps_trying_with_nats_connected() -> None:
     metrics = BridgeMetrics(ready_timeout=60)
     metrics.standby_reason = "standing by: replication slot 'x' is in use by another process"
