@@ -30,7 +30,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ from cdc_bridge.errors import ConnectError, SetupError, SinkError, first_line
 from cdc_bridge.metrics import BridgeMetrics
 from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.provisioning import DatabaseState
-from cdc_bridge.snapshot import SnapshotReader, SnapshotTable, pace_rows
+from cdc_bridge.snapshot import SnapshotReader, SnapshotTable, convert_row, pace_rows
 from cdc_bridge.source import SESSION_OPTIONS
 from cdc_bridge.watermarks import WATERMARK_PREFIX, ChunkRequest, Watermarks, XidSnapshot
 
@@ -443,7 +443,7 @@ class BackfillRunner:
             info = table.info
             chunk.table = info
             chunk.snapshot = XidSnapshot.parse(snapshot_text)
-            chunk.rows = _convert(info.column_names, info.converters, rows)
+            chunk.rows = [convert_row(info.column_names, info.converters, r) for r in rows]
             await self._emit(reader, token, "high")
             assert chunk.result is not None
             outcome = await chunk.result
@@ -485,18 +485,6 @@ class BackfillRunner:
             if len(rows) < chunk_size:
                 return revision
             revision = await self._save(record, revision)
-
-
-def _convert(
-    names: Sequence[str], converters: Sequence[Callable[[str], Any]], rows: list[tuple[Any, ...]]
-) -> list[dict[str, Any]]:
-    return [
-        {
-            names[i]: None if value is None else converters[i](value)
-            for i, value in enumerate(values)
-        }
-        for values in rows
-    ]
 
 
 def _estimate(reader: SnapshotReader, table: SnapshotTable) -> int:

@@ -107,6 +107,33 @@ class Change:
     truncate_options: tuple[bool, bool] | None = None
 
 
+def read_change(
+    table: TableInfo,
+    row: Row,
+    *,
+    lsn: int,
+    commit_lsn: int,
+    xid: int,
+    commit_ts: int,
+    index: int,
+) -> Change:
+    """A row read from the table itself (a snapshot or backfill row): op ``read``."""
+    key_names = table.key_names
+    return Change(
+        op="read",
+        table=table,
+        key={k: row.get(k) for k in key_names} if key_names else None,
+        after=row,
+        before=None,
+        unchanged_toast=[],
+        lsn=lsn,
+        commit_lsn=commit_lsn,
+        xid=xid,
+        commit_ts=commit_ts,
+        index=index,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SchemaChange:
     """A table's shape changed while streaming (a new Relation message for a known OID).

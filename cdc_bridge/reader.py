@@ -21,6 +21,7 @@ from cdc_bridge.changes import (
     SchemaChange,
     TransactionBegin,
     TransactionEnd,
+    read_change,
 )
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import Settings
@@ -181,17 +182,12 @@ class WalReader:
             await self._open(ticket)
         filters, router, publisher = self.filters, self.router, self.publisher
         commit_lsn = transaction.commit_lsn
-        key_names = info.key_names
         commit_text = format_lsn(commit_lsn)
         published = 0
         for row in rows:
-            change = Change(
-                op="read",
-                table=info,
-                key={k: row.get(k) for k in key_names} if key_names else None,
-                after=row,
-                before=None,
-                unchanged_toast=[],
+            change = read_change(
+                info,
+                row,
                 lsn=lsn,
                 commit_lsn=commit_lsn,
                 xid=transaction.xid,

@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from cdc_bridge.batching import TransactionPublisher
-from cdc_bridge.changes import Change, TableInfo
+from cdc_bridge.changes import TableInfo, read_change
 from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.errors import (
     ConnectError,
@@ -59,7 +59,7 @@ from cdc_bridge.provisioning import TableCatalog
 from cdc_bridge.router import Router
 from cdc_bridge.sink import JetStreamSink
 from cdc_bridge.source import SESSION_OPTIONS
-from cdc_bridge.values import converter_for
+from cdc_bridge.values import JsonValue, converter_for
 
 __all__ = [
     "PROGRESS_BUCKET",
@@ -67,6 +67,7 @@ __all__ = [
     "SnapshotReader",
     "SnapshotRecord",
     "SnapshotTarget",
+    "convert_row",
     "create_slot_exporting",
     "pace_rows",
     "run_snapshot",
@@ -378,6 +379,17 @@ class SnapshotReader:
             self._conn.close()  # ends the transaction and releases the lock
 
 
+def convert_row(
+    names: Sequence[str],
+    converters: Sequence[Callable[[str], JsonValue]],
+    values: Sequence[str | None],
+) -> dict[str, JsonValue]:
+    """A row of text values (as the reader returns them) converted like streamed ones."""
+    return {
+        names[i]: None if value is None else converters[i](value) for i, value in enumerate(values)
+    }
+
+
 async def pace_rows(rows: int, started: float, rows_per_second: float) -> None:
     """Sleep so that ``rows`` read since ``started`` (monotonic) keep to the pace
     (``snapshot.max_rows_per_second``; 0: no limit)."""
@@ -502,7 +514,6 @@ async def run_snapshot(
         table_rows = 0
         converters = info.converters
         names = info.column_names
-        key_names = info.key_names
         fetch = asyncio.create_task(
             asyncio.to_thread(reader.page, table, progress.last_key, chunk_size)
         )
@@ -520,17 +531,9 @@ async def run_snapshot(
                 chunk_started = time.monotonic()
                 ticket = checkpointer.begin()
                 for number, values in enumerate(rows):
-                    row = {
-                        names[i]: None if value is None else converters[i](value)
-                        for i, value in enumerate(values)
-                    }
-                    change = Change(
-                        op="read",
-                        table=info,
-                        key={k: row.get(k) for k in key_names} if key_names else None,
-                        after=row,
-                        before=None,
-                        unchanged_toast=[],
+                    change = read_change(
+                        info,
+                        convert_row(names, converters, values),
                         lsn=lsn,
                         commit_lsn=lsn,
                         xid=0,
