@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,6 @@ pytestmark = pytest.mark.servers
 
 SLOT = "cdc_bridge"
 BUCKET = "cdc-bridge-backfills"
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Any]]:
-    things: list[Any] = []
-    yield things
-    for thing in reversed(things):
-        if isinstance(thing, BridgeProcess):
-            thing.stop_quietly()
-        elif isinstance(thing, Mutator):
-            thing.stop()
 
 
 def _config(tmp_path: Path, database: str, nats_url: str, stream: str, **snapshot: Any) -> Path:

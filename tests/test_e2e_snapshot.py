@@ -13,7 +13,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +40,6 @@ from tests.fixtures.workload import Workload, create_workload_table
 pytestmark = pytest.mark.servers
 
 SLOT = "cdc_bridge"
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Any]]:
-    things: list[Any] = []
-    yield things
-    for thing in reversed(things):
-        if isinstance(thing, BridgeProcess):
-            thing.stop_quietly()
-        elif isinstance(thing, Workload):
-            thing.stop_background()
-        elif isinstance(thing, Mutator):
-            thing.stop()
 
 
 def _config(

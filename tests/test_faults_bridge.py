@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,20 +185,6 @@ def _wait_readyz(port: int, status: int, timeout: float = 10.0) -> tuple[int, st
         if got[0] == status or time.monotonic() > deadline:
             return got
         time.sleep(0.1)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Any]]:
-    """Bridges, workloads and proxies to stop whatever happens in the test."""
-    things: list[Any] = []
-    yield things
-    for thing in reversed(things):
-        if isinstance(thing, BridgeProcess):
-            thing.stop_quietly()
-        elif isinstance(thing, Workload):
-            thing.stop_background()
-        elif isinstance(thing, TcpProxy):
-            thing.close()
 
 
 def _restart_after_kill(
