@@ -362,6 +362,8 @@ class BackfillRunner:
                 record.estimated_rows = await asyncio.to_thread(_estimate, reader, table)
             self.metrics.backfill_table = record.table
             self.metrics.backfill_estimated = record.estimated_rows or 0
+            self.metrics.backfill_done = record.rows + record.dropped
+            self.metrics.backfill_seconds = record.active_seconds
             await self._start(reader, table)
             revision = await self._chunks(reader, table, record, revision)
             record.status, record.finished_at = "done", _now()
@@ -482,6 +484,8 @@ class BackfillRunner:
             metrics.backfill_chunks += 1
             await pace_rows(len(rows), started, pace)
             record.active_seconds += time.monotonic() - started
+            metrics.backfill_done = record.rows + record.dropped
+            metrics.backfill_seconds = record.active_seconds
             if len(rows) < chunk_size:
                 return revision
             revision = await self._save(record, revision)

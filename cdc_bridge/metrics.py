@@ -181,6 +181,8 @@ class BridgeMetrics:
         self.backfill_reread_chunks = 0
         self.backfill_table: str | None = None
         self.backfill_estimated = 0
+        self.backfill_done = 0  # the running one's rows read (published or left out)
+        self.backfill_seconds = 0.0  # … and the time it has run
         # Histograms.
         self.publish_duration = LightHistogram(PUBLISH_BUCKETS)
         self.commit_to_ack = LightHistogram(COMMIT_TO_ACK_BUCKETS)
@@ -401,9 +403,34 @@ class BridgeCollector(Collector):
             "the planner's estimate of the running backfill's rows (absent when none runs)",
             labels=["table"],
         )
+        done = GaugeMetricFamily(
+            "cdc_bridge_backfill_done_rows",
+            "rows the running backfill has read so far (published or left out)",
+            labels=["table"],
+        )
+        rate = GaugeMetricFamily(
+            "cdc_bridge_backfill_rows_per_second",
+            "the running backfill's rate so far",
+            labels=["table"],
+        )
+        eta = GaugeMetricFamily(
+            "cdc_bridge_backfill_eta_seconds",
+            "the running backfill's time left at its rate so far, against the estimate",
+            labels=["table"],
+        )
         if m.backfill_table is not None:
-            running.add_metric([m.backfill_table], m.backfill_estimated)
+            table = m.backfill_table
+            running.add_metric([table], m.backfill_estimated)
+            done.add_metric([table], m.backfill_done)
+            if m.backfill_seconds > 0 and m.backfill_done > 0:
+                per_second = m.backfill_done / m.backfill_seconds
+                rate.add_metric([table], per_second)
+                left = max(0, m.backfill_estimated - m.backfill_done)
+                eta.add_metric([table], left / per_second)
         yield running
+        yield done
+        yield rate
+        yield eta
         yield _gauge(
             "cdc_bridge_standby",
             "1 while waiting for the slot another process streams from",

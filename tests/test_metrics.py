@@ -115,6 +115,23 @@ def test_live_gauges_and_lag() -> None:
         assert not any(name == f"cdc_bridge_{gone}" for name, _ in found), gone
 
 
+def test_backfill_gauges_exist_only_while_one_runs() -> None:
+    registry = CollectorRegistry()
+    metrics = BridgeMetrics(registry)
+    assert not [n for n, _ in samples(registry) if n.startswith("cdc_bridge_backfill_eta")]
+    metrics.backfill_rows, metrics.backfill_dropped = 7_990, 10
+    metrics.backfill_table, metrics.backfill_estimated = "public.t", 10_000
+    metrics.backfill_done, metrics.backfill_seconds = 8_000, 4.0
+    assert value(registry, "cdc_bridge_backfill_rows_total") == 7_990
+    assert value(registry, "cdc_bridge_backfill_dropped_rows_total") == 10
+    assert value(registry, "cdc_bridge_backfill_estimated_rows", table="public.t") == 10_000
+    assert value(registry, "cdc_bridge_backfill_done_rows", table="public.t") == 8_000
+    assert value(registry, "cdc_bridge_backfill_rows_per_second", table="public.t") == 2_000
+    assert value(registry, "cdc_bridge_backfill_eta_seconds", table="public.t") == 1.0
+    metrics.backfill_table = None
+    assert not [n for n, _ in samples(registry) if n.startswith("cdc_bridge_backfill_done")]
+
+
 def test_light_histogram_uses_le_buckets() -> None:
     registry = CollectorRegistry()
     metrics = BridgeMetrics(registry)
