@@ -154,6 +154,7 @@ KNOWN_KINDS = {
     "Service",
     "NetworkPolicy",
     "PodDisruptionBudget",
+    "CronJob",
     *CRD_SCHEMAS,
 }
 
@@ -587,6 +588,10 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "probe typo": with_values(DEFAULT, "livenessProbe.periodSecond", 5),
     "serviceMonitor interval": with_values(DEFAULT, "serviceMonitor.interval", "often"),
     "networkPolicy typo": with_values(DEFAULT, "networkPolicy.egress", []),
+    "verify typo": with_values(DEFAULT, "verify.enable", True),
+    "verify enabled as string": with_values(DEFAULT, "verify.enabled", "yes"),
+    "verify schedule": with_values(DEFAULT, "verify.schedule", "daily"),
+    "verify args as string": with_values(DEFAULT, "verify.args", "--sample 10"),
 }
 
 
@@ -609,6 +614,56 @@ def test_chart_defaults_alone_are_rejected(chart: helm.Chart) -> None:
         chart.render({}, name=RELEASE, namespace=NAMESPACE)
 
 
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_cronjob_is_off_by_default(chart: helm.Chart) -> None:
+    assert "CronJob" not in kinds(render(chart, DEFAULT))
+
+
+def test_verify_cronjob_runs_verify_like_the_bridge_runs(chart: helm.Chart) -> None:
+    values = with_values(DEFAULT, "verify.enabled", True)
+    values = with_values(values, "verify.args", ["--sample", "1000", "public.conversations"])
+    values = with_values(values, "extraEnv", [{"name": "TZ", "value": "UTC"}])
+    docs = render(chart, values)
+    cron = only(docs, "CronJob")
+    deployment = only(docs, "Deployment")
+    assert cron["metadata"]["name"] == "cdc-bridge-verify"
+    assert cron["spec"]["schedule"] == "17 3 * * *"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0  # exit 1 is a finding: no retries
+    assert job["activeDeadlineSeconds"] == 3600
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (verify,) = pod["containers"]
+    assert verify["args"] == [
+        "verify",
+        "--config",
+        CONFIG_FILE,
+        "--sample",
+        "1000",
+        "public.conversations",
+    ]
+    bridge_pod = deployment["spec"]["template"]["spec"]
+    main = container(docs)
+    # The same image, config, secrets, environment and security as the bridge.
+    for key in ("image", "env", "volumeMounts", "securityContext"):
+        assert verify[key] == main[key], key
+    for key in ("volumes", "securityContext", "serviceAccountName", "enableServiceLinks"):
+        assert pod[key] == bridge_pod[key], key
+    # The Deployment's selector (and so its Service, PDB, NetworkPolicy) never
+    # matches the verify pods.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = job["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == "verify"
+    assert verify["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "2Gi"},
+    }
+
+
 # --------------------------------------------------------------------------- docs
 
 
@@ -621,6 +676,7 @@ def _value_paths(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
         "resources",
         "livenessProbe",
         "readinessProbe",
+        "verify.resources",
     }
     for key, value in values.items():
         path = f"{prefix}{key}"

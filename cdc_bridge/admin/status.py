@@ -38,6 +38,7 @@ async def _stream(settings: Settings) -> dict[str, Any]:
         if info is None:
             return {"name": cfg.stream, "exists": False}
         last = await jetstream.last_message(nc, info)
+        verified = await _last_verify(nc, settings)
     finally:
         await jetstream.close(nc)
     stream: dict[str, Any] = {
@@ -46,6 +47,7 @@ async def _stream(settings: Settings) -> dict[str, Any]:
         "messages": info.state.messages,
         "last_seq": info.state.last_seq,
         "last_message": None,
+        "last_verify": verified,
     }
     if last is not None:
         try:
@@ -63,6 +65,16 @@ async def _stream(settings: Settings) -> dict[str, Any]:
             "commit_ts": source.get("commit_ts") if isinstance(source, dict) else None,
         }
     return stream
+
+
+async def _last_verify(nc: Any, settings: Settings) -> dict[str, Any] | None:
+    """The summary ``cdc-bridge verify`` kept of its last run (None: never ran, or unreadable)."""
+    from cdc_bridge.verify.run import load_last_result
+
+    try:
+        return await load_last_result(nc, settings.nats.stream, settings.postgres.slot)
+    except Exception:
+        return None
 
 
 def _age(commit_ts: str | None) -> float | None:
@@ -98,6 +110,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         "lag_bytes": slot.lag_bytes,
         "last_commit_age_seconds": _age(last.get("commit_ts")) if last else None,
         "stream": stream,
+        "last_verify": stream.pop("last_verify", None),
     }
 
 
@@ -137,7 +150,28 @@ def render(status: dict[str, Any]) -> str:
             f"  commit time        {last['commit_ts']}"
             + (f" ({age:.1f}s ago: age of the newest change in the stream)" if age else ""),
         ]
+    lines.append(_verify_line(status.get("last_verify")))
     return "\n".join(lines)
+
+
+def _verify_line(last: dict[str, Any] | None) -> str:
+    if last is None:
+        return "last verify          never (cdc-bridge verify)"
+    tables = last.get("tables") or {}
+    checked = sum(int(t.get("checked", 0)) for t in tables.values())
+    mismatched = sum(
+        int(t.get(kind, 0))
+        for t in tables.values()
+        for kind in ("only_in_table", "only_in_stream", "differing")
+    )
+    verdict = "equal" if mismatched == 0 else f"{mismatched} keys mismatched"
+    if not last.get("ok", False):
+        verdict += " (above --max-mismatch)"
+    return (
+        f"last verify          {last.get('time')} at LSN {last.get('lsn')}: {verdict}, "
+        f"{checked} keys checked in {len(tables)} table{'' if len(tables) == 1 else 's'} "
+        f"({last.get('mode')})"
+    )
 
 
 async def run_status(settings: Settings, *, as_json: bool) -> int:

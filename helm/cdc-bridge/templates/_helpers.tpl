@@ -68,3 +68,14 @@ app.kubernetes.io/component: cdc
 {{- define "cdc-bridge.configYaml" -}}
 {{- toYaml .Values.config }}
 {{- end }}
+
+{{/* Labels of the verify CronJob and its pods: deliberately not the Deployment's
+selector labels (its Service, PodDisruptionBudget and NetworkPolicy select by those). */}}
+{{- define "cdc-bridge.verifyLabels" -}}
+helm.sh/chart: {{ include "cdc-bridge.chart" . }}
+app.kubernetes.io/name: {{ printf "%s-verify" (include "cdc-bridge.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: verify
+{{- end }}
