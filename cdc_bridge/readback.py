@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from cdc_bridge.errors import SinkError, first_line
@@ -229,6 +229,7 @@ async def is_stored(
     position: Position,
     slot: str,
     timeout: float = 5.0,  # noqa: ASYNC109
+    scan_limit: int = SCAN_LIMIT,
 ) -> bool:
     """Whether the message at ``position`` (published to ``subject``) is in the stream.
 
@@ -237,8 +238,26 @@ async def is_stored(
     """
     js = nc.jetstream(timeout=timeout)
     try:
-        msg = await js.get_last_msg(stream, subject)
+        last = await js.get_last_msg(stream, subject)
     except NotFoundError:
         return False
-    found = position_of((msg.headers or {}).get("Nats-Msg-Id", ""), slot)
-    return found is not None and found >= position
+    # Walk back over messages on the subject that are not positions of ours (another
+    # slot's, a verify repair) to the newest one that is.
+    msg: RawStreamMsg | None = last
+    seq = last.seq or 0
+    for _ in range(scan_limit):
+        if msg is not None and msg.subject == subject:
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            found = position_of(msg_id, slot)
+            if found is not None:
+                return found >= position
+            if msg_id.startswith(f"{slot}:snapshot:"):
+                return False  # its snapshot: every change of the slot is newer
+        seq -= 1
+        if seq < 1:
+            return False
+        try:
+            msg = await js.get_msg(stream, seq)
+        except NotFoundError:
+            msg = None  # deleted or expired
+    return False
