@@ -308,8 +308,9 @@ class SnapshotReader:
         missing = [c for c in page_columns if c not in names]
         if not page_columns or missing:
             raise SetupError(
-                f"cannot snapshot {name}: it needs a primary key (or tables.{name}.key) of "
-                "stored columns to read it in order (set snapshot.mode: never to skip it)"
+                f"cannot read {name} in key order: it needs a primary key (or "
+                f"tables.{name}.key) of stored columns (snapshots, backfills and verify read "
+                "tables that way; snapshot.mode: never skips the initial snapshot)"
             )
         return SnapshotTable(
             info,

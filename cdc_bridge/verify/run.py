@@ -51,12 +51,13 @@ from cdc_bridge.changes import Change, TableInfo
 from cdc_bridge.config import Settings
 from cdc_bridge.envelopes import ChangeEncoder, encoder_from_settings
 from cdc_bridge.errors import ConnectError, SetupError, SinkError, first_line
-from cdc_bridge.filters import ChangeFilters, build_filters, mask_kind
+from cdc_bridge.filters import ChangeFilters, build_filters
 from cdc_bridge.heartbeat import EMIT, heartbeat_content
 from cdc_bridge.lsn import format_lsn, parse_lsn
 from cdc_bridge.pgoutput import PG_EPOCH_UNIX_MICROS
 from cdc_bridge.pgsecurity import connect_error_hint
-from cdc_bridge.provisioning import DatabaseState, TableRequest, check_database
+from cdc_bridge.pipeline import table_requests
+from cdc_bridge.provisioning import DatabaseState, check_database
 from cdc_bridge.router import Router
 from cdc_bridge.routing import SubjectTemplate
 from cdc_bridge.sink import stream_subjects
@@ -145,19 +146,6 @@ def _refuse_unverifiable(settings: Settings, names: Sequence[str]) -> None:
                 f"mirror {name}, so verify cannot compare it (name the other tables: "
                 "cdc-bridge verify TABLE ...)"
             )
-
-
-def _table_request(settings: Settings, name: str) -> TableRequest:
-    """What the bridge checks of a table at start (as ``pipeline.table_requests``)."""
-    table = settings.tables[name]
-    return TableRequest(
-        table.subject,
-        tuple(table.key) if table.key else None,
-        columns=tuple(table.columns) if table.columns is not None else None,
-        exclude_columns=tuple(table.exclude_columns),
-        masks=tuple((c, mask_kind(rule)) for c, rule in table.mask.items()),
-        where=table.where,
-    )
 
 
 def _connect(settings: Settings) -> psycopg.Connection[tuple[Any, ...]]:
@@ -831,7 +819,7 @@ async def run_verify(settings: Settings, options: VerifyOptions) -> VerifyResult
     state: DatabaseState = await asyncio.to_thread(
         check_database,
         settings.conninfo(),
-        tables={n: _table_request(settings, n) for n in names},
+        tables={n: r for n, r in table_requests(settings).items() if n in names},
         connect_timeout=pg.connect_timeout,
     )
     nc = await jetstream.connect(settings.nats)
