@@ -169,14 +169,14 @@ def test_backfill_bad_requests_exit_non_zero_with_the_fix(
 def test_backfill_under_concurrent_writes_equals_the_table(
     database: str, nats: Any, stream_name: str, tmp_path: Path, cleanup: list[Any]
 ) -> None:
-    """Chunks of 500 rows while a writer updates, deletes and inserts rows of the same
+    """40 chunks of 250 rows while two writers update, delete and insert rows of the same
     key range: rows a concurrent change overtook must be left out, not published stale."""
     seed = random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
-    rows = 20_000
+    rows = 10_000
     create_workload_table(database, "items")
     fill_rows(database, "items", rows)
-    config = _config(tmp_path, database, nats.url, stream_name, chunk_size=500)
+    config = _config(tmp_path, database, nats.url, stream_name, chunk_size=250)
     bridge = BridgeProcess(config, tmp_path / "bridge.log")
     cleanup.append(bridge)
     bridge.start()
