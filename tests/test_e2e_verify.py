@@ -2,14 +2,18 @@
 
 Each test streams a small table, then breaks the stream or the table on purpose (a
 message deleted by hand, a forged message, a change made while the slot was gone, a
-stream whose limits dropped its first messages) and checks exactly what verify reports,
-its exit code, and that ``--repair`` makes the next verify pass.
+stream whose limits dropped its first messages, a bridge that hangs behind) and checks
+exactly what verify reports, its exit code, and that ``--repair`` makes the next verify
+pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cdc_bridge.cli import main
+from cdc_bridge.lsn import parse_lsn
 from cdc_bridge.verify.fold import key_text, sample_predicate
 from tests.fixtures.bridge import (
     BridgeProcess,
@@ -317,6 +322,55 @@ def test_a_change_lost_with_a_dropped_slot_is_reported(
         "(configured: public.items)\n"
     )
     assert _verify(config, "--sample", "3", "--full").exit_code == 2
+
+
+def test_a_bridge_behind_is_an_error_not_a_mismatch(
+    database: str, nats: Any, stream_name: str, tmp_path: Path, bridge_factory: Any
+) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(ITEMS)
+    config = _items_config(tmp_path, database, nats.url, stream_name)
+    bridge = bridge_factory(config)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO items (id, version, body) SELECT g, 1, 'x' FROM generate_series(1, 3) g"
+        )
+    wait_for_messages(nats.url, stream_name, 3)
+
+    # The bridge hangs (SIGSTOP): its slot stays active, its confirmed_flush_lsn stays
+    # below every change made from now on. Verify must not compare a stream that lacks
+    # them (row 4 would look only in the table): it gives up after --wait, exit 2.
+    os.kill(bridge.process.pid, signal.SIGSTOP)
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("INSERT INTO items (id, version, body) VALUES (4, 1, 'x')")
+        started = time.monotonic()
+        behind = CliRunner().invoke(main, ["verify", "-c", str(config), "--wait", "1"])
+        elapsed = time.monotonic() - started
+        with psycopg.connect(database, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
+            ).fetchone()
+        assert row == (True,)  # still the "behind" case, not the "stopped" one
+    finally:
+        os.kill(bridge.process.pid, signal.SIGCONT)
+    assert behind.exit_code == 2, behind.output
+    found = re.fullmatch(
+        r"cdc-bridge: error: the bridge is (\d+) bytes of WAL behind after 1s \(slot "
+        r"'cdc_bridge' confirmed ([0-9A-F]+/[0-9A-F]+), verify needs ([0-9A-F]+/[0-9A-F]+)\): "
+        r"let it catch up, or give it longer with --wait SECONDS\n",
+        behind.stderr,
+    )
+    assert found is not None, behind.stderr
+    assert behind.stdout == ""
+    confirmed, needed = parse_lsn(found[2]), parse_lsn(found[3])
+    assert int(found[1]) == needed - confirmed > 0
+    assert elapsed < 15  # --wait 1, not the default 60 s
+
+    # Resumed, the bridge catches up and the same verify passes: nothing was lost.
+    code, report = _json(config)
+    assert code == 0, report
+    assert _counts(report) == _equal(4)
 
 
 def test_retention_dropped_messages_are_not_false_mismatches(

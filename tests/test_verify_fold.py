@@ -29,6 +29,7 @@ from cdc_bridge.verify.fold import (
     key_text,
     sample_predicate,
 )
+from cdc_bridge.verify.repair import repair_msg_id
 from cdc_bridge.verify.report import (
     Differing,
     TableResult,
@@ -36,7 +37,7 @@ from cdc_bridge.verify.report import (
     render_metrics,
     render_text,
 )
-from cdc_bridge.verify.run import history_note, repair_msg_id
+from cdc_bridge.verify.stream import history_note
 
 TABLE = TableInfo(
     oid=16384,

@@ -69,7 +69,7 @@ async def _stream(settings: Settings) -> dict[str, Any]:
 
 async def _last_verify(nc: Any, settings: Settings) -> dict[str, Any] | None:
     """The summary ``cdc-bridge verify`` kept of its last run (None: never ran, or unreadable)."""
-    from cdc_bridge.verify.run import load_last_result
+    from cdc_bridge.verify.results import load_last_result
 
     try:
         return await load_last_result(nc, settings.nats.stream, settings.postgres.slot)

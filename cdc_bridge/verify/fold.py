@@ -17,7 +17,7 @@ any message is absent from the stream when the stream holds the table's whole hi
 
 Values are compared in their published form: the table's rows go through the same
 filters, masks and envelope encoder as the bridge's messages, then through the same
-decoder as the stream's messages (see :mod:`cdc_bridge.verify.run`).
+decoder as the stream's messages (see :mod:`cdc_bridge.verify.table`).
 """
 
 from __future__ import annotations
