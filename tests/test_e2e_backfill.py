@@ -138,6 +138,15 @@ def test_backfill_where_resends_only_those_rows_in_key_order(
     listed = _cli(config, "--list")
     assert listed.returncode == 0
     assert f"backfill {backfill_id[1]} of public.items where id % 10 = 0: done" in listed.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "cdc_bridge", "status", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "backfills            none running (1 ended; cdc-bridge backfill --list)" in (
+        status.stdout
+    )
     assert bridge.terminate() == 0
     assert "done: 10 rows published" in bridge.log_text()
 
@@ -282,6 +291,14 @@ def test_backfill_resumes_after_sigkill_and_can_be_cancelled(
     bridge.kill()
     stored = _records(nats.url, stream_name)[-1]
     assert stored["status"] == "running"
+    status = subprocess.run(
+        [sys.executable, "-m", "cdc_bridge", "status", "-c", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [unfinished] = orjson.loads(status.stdout)["backfills"]["unfinished"]
+    assert (unfinished["id"], unfinished["status"]) == (stored["id"], "running")
     seq_at_kill = max(m.seq for m in read_stream(nats.url, stream_name))
     bridge.start()
     backfill_id = stored["id"]

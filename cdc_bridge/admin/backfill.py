@@ -29,7 +29,14 @@ from cdc_bridge.config import Settings
 from cdc_bridge.errors import ConfigError, SetupError, first_line
 from cdc_bridge.provisioning import connect
 
-__all__ = ["cancel_backfill", "list_backfills", "request_backfill", "watch_backfill"]
+__all__ = [
+    "cancel_backfill",
+    "describe_backfill",
+    "list_backfills",
+    "progress_line",
+    "request_backfill",
+    "watch_backfill",
+]
 
 EXIT_OK = 0
 EXIT_NOT_DONE = 1  # cancelled or failed
@@ -70,12 +77,12 @@ def _estimate(settings: Settings, table: str, where: str | None) -> int:
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
-def _describe(record: BackfillRecord) -> str:
+def describe_backfill(record: BackfillRecord) -> str:
     where = f" where {record.where}" if record.where else ""
     return f"backfill {record.id} of {record.table}{where}"
 
 
-def _progress_line(record: BackfillRecord) -> str:
+def progress_line(record: BackfillRecord) -> str:
     done = record.rows + record.dropped
     if record.final:
         rate = f", {record.rate:,.0f} rows/s" if record.rate else ""
@@ -97,7 +104,7 @@ def _progress_line(record: BackfillRecord) -> str:
 
 def _summary(record: BackfillRecord) -> str:
     line = (
-        f"{_describe(record)}: {record.status}, {record.rows:,} rows published in "
+        f"{describe_backfill(record)}: {record.status}, {record.rows:,} rows published in "
         f"{record.chunks} chunks"
     )
     if record.dropped:
@@ -130,8 +137,8 @@ async def request_backfill(
     try:
         await _store(settings, nc).create(record)
         click.echo(
-            f"{_describe(record)} requested (about {estimate:,} rows); the bridge streaming "
-            f"slot {settings.postgres.slot} runs it"
+            f"{describe_backfill(record)} requested (about {estimate:,} rows); the bridge "
+            f"streaming slot {settings.postgres.slot} runs it"
         )
         if detach:
             click.echo(f"follow it with: cdc-bridge backfill --watch {record.id}")
@@ -182,7 +189,7 @@ async def _follow(
                 "up yet (is one running?); it starts when one does",
                 err=True,
             )
-        line = _progress_line(record)
+        line = progress_line(record)
         if tty:
             click.echo(f"\r{line:<100}", nl=False, err=True)
         elif line != last_line and now - last_print >= 5.0:
@@ -211,7 +218,7 @@ async def list_backfills(settings: Settings, *, as_json: bool) -> int:
     if not records:
         click.echo(f"no backfills for stream {settings.nats.stream}, slot {settings.postgres.slot}")
     for record in records:
-        click.echo(f"{_describe(record)}: {_progress_line(record)}")
+        click.echo(f"{describe_backfill(record)}: {progress_line(record)}")
     return EXIT_OK
 
 
@@ -227,7 +234,7 @@ async def cancel_backfill(settings: Settings, backfill_id: str) -> int:
                 )
             record, revision = found
             if record.final:
-                click.echo(f"{_describe(record)} has already ended: {record.status}")
+                click.echo(f"{describe_backfill(record)} has already ended: {record.status}")
                 return EXIT_NOT_DONE
             record.cancel_requested = True
             if record.status == "pending":  # no bridge has started it: cancelled now
@@ -236,11 +243,11 @@ async def cancel_backfill(settings: Settings, backfill_id: str) -> int:
             if await store.update(record, revision) is not None:
                 break
         if record.status == "cancelled":
-            click.echo(f"{_describe(record)} cancelled")
+            click.echo(f"{describe_backfill(record)} cancelled")
         else:
             click.echo(
-                f"{_describe(record)}: cancel requested; the bridge stops it after the chunk "
-                "in flight"
+                f"{describe_backfill(record)}: cancel requested; the bridge stops it after the "
+                "chunk in flight"
             )
         return EXIT_OK
     finally:

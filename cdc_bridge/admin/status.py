@@ -17,6 +17,8 @@ import click
 import orjson
 
 from cdc_bridge.admin import database, jetstream
+from cdc_bridge.admin.backfill import describe_backfill, progress_line
+from cdc_bridge.backfill import BackfillRecord, BackfillStore
 from cdc_bridge.config import Settings
 from cdc_bridge.errors import SetupError
 from cdc_bridge.provisioning import connect
@@ -39,6 +41,7 @@ async def _stream(settings: Settings) -> dict[str, Any]:
             return {"name": cfg.stream, "exists": False}
         last = await jetstream.last_message(nc, info)
         verified = await _last_verify(nc, settings)
+        backfills = await _backfills(nc, settings)
     finally:
         await jetstream.close(nc)
     stream: dict[str, Any] = {
@@ -48,6 +51,7 @@ async def _stream(settings: Settings) -> dict[str, Any]:
         "last_seq": info.state.last_seq,
         "last_message": None,
         "last_verify": verified,
+        "backfills": backfills,
     }
     if last is not None:
         try:
@@ -75,6 +79,19 @@ async def _last_verify(nc: Any, settings: Settings) -> dict[str, Any] | None:
         return await load_last_result(nc, settings.nats.stream, settings.postgres.slot)
     except Exception:
         return None
+
+
+async def _backfills(nc: Any, settings: Settings) -> dict[str, Any]:
+    """This slot's backfills (cdc-bridge backfill): the unfinished ones, and how many ended."""
+    store = BackfillStore(nc, stream=settings.nats.stream, slot=settings.postgres.slot)
+    try:
+        records = [record for record, _ in await store.all()]
+    except Exception:
+        return {"unfinished": [], "finished": 0}
+    return {
+        "unfinished": [orjson.loads(r.to_json()) for r in records if not r.final],
+        "finished": sum(1 for r in records if r.final),
+    }
 
 
 def _age(commit_ts: str | None) -> float | None:
@@ -111,6 +128,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         "last_commit_age_seconds": _age(last.get("commit_ts")) if last else None,
         "stream": stream,
         "last_verify": stream.pop("last_verify", None),
+        "backfills": stream.pop("backfills", {"unfinished": [], "finished": 0}),
     }
 
 
@@ -151,7 +169,19 @@ def render(status: dict[str, Any]) -> str:
             + (f" ({age:.1f}s ago: age of the newest change in the stream)" if age else ""),
         ]
     lines.append(_verify_line(status.get("last_verify")))
+    lines += _backfill_lines(status["backfills"])
     return "\n".join(lines)
+
+
+def _backfill_lines(backfills: dict[str, Any]) -> list[str]:
+    finished = backfills["finished"]
+    ended = f" ({finished} ended; cdc-bridge backfill --list)" if finished else ""
+    unfinished = [BackfillRecord.from_json(orjson.dumps(r)) for r in backfills["unfinished"]]
+    if not unfinished:
+        return [f"backfills            none running{ended}"]
+    return [f"backfills            {len(unfinished)} unfinished{ended}"] + [
+        f"  {describe_backfill(r)}: {progress_line(r)}" for r in unfinished
+    ]
 
 
 def _verify_line(last: dict[str, Any] | None) -> str:
