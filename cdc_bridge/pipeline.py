@@ -28,7 +28,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -705,11 +705,7 @@ class _Session:
             tasks: list[asyncio.Future[object]] = [reader, status, failure, stopped, backfills]  # type: ignore[list-item]
             if beat is not None:
                 tasks.append(beat)  # type: ignore[arg-type]
-            for pending in tasks:
-                pending.cancel()
-            for pending in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pending
+            await _cancel_all(tasks, timeout=5.0)
             # Also after a failure: confirm what was acked, so a restart re-sends no more.
             # Not over a replication connection that has just failed: it is gone.
             if not isinstance(error, SourceError):
@@ -728,6 +724,21 @@ class _Session:
         )
         if error is not None:
             raise error
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Future[object]], *, timeout: float) -> None:  # noqa: ASYNC109
+    """Cancel ``tasks`` and wait for them, at most ``timeout``: a task blocked where a
+    cancellation gets swallowed (nats-py's flush behind a frozen server) must not hang
+    the end of the session; it is left behind with a warning."""
+    for task in tasks:
+        task.cancel()
+    done, stuck = await asyncio.wait(tasks, timeout=timeout)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: the session's error is reported elsewhere
+    for task in stuck:
+        name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+        log.warning("%s did not stop within %gs after being cancelled; left behind", name, timeout)
 
 
 async def _send_status(
