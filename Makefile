@@ -47,15 +47,19 @@ $(VENV)/.installed-bench: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -e '.[bench]'
 	touch $(VENV)/.installed-embedded $@
 
+# Two pytest workers for everything but the fault suite (each worker starts its own
+# servers; most tests wait on them, not on the CPU), then the fault suite alone: its
+# timings (take-over, reconnect) are measured on a machine it does not share.
 test: $(VENV)/.installed-dev
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 -m "not faults"
+	$(BIN)/pytest -q -m faults
 
 # The oldest major version we test against (cdc-bridge supports 14+); PG 18 is the default.
 PG15_BIN ?= /usr/lib/postgresql/15/bin
 # The fault suite runs once, on PG 18 (make test): it exercises the bridge's recovery,
 # which does not depend on the server version.
 test-pg15: $(VENV)/.installed-dev
-	CDC_BRIDGE_PG_BIN=$(PG15_BIN) $(BIN)/pytest -q -m "servers and not faults"
+	CDC_BRIDGE_PG_BIN=$(PG15_BIN) $(BIN)/pytest -q -n 2 -m "servers and not faults"
 
 test-faults: $(VENV)/.installed-dev
 	$(BIN)/pytest -q -m faults --long-faults
