@@ -208,23 +208,29 @@ class BackfillStore:
         return int(status.stream_info.state.last_seq)
 
     async def all(self) -> list[tuple[BackfillRecord, int]]:
-        """Every record of this stream and slot, oldest request first."""
+        """Every record of this stream and slot, oldest request first.
+
+        Listed from the bucket's stream (its subjects, then one get per key), not with a
+        KV watcher: nats-py's watcher can signal "no more" before the first entries it
+        was sent, and a listing that comes back empty by mistake would leave a request
+        unseen.
+        """
         try:
             kv = await self._bucket(create=False)
             if kv is None:
                 return []
-            watcher = await kv.watch(f"{self.prefix}.*", ignore_deletes=True)
+            subject_prefix = f"$KV.{BACKFILL_BUCKET}."
+            info = await self._js.stream_info(
+                f"KV_{BACKFILL_BUCKET}", subjects_filter=f"{subject_prefix}{self.prefix}.*"
+            )
             found: list[tuple[BackfillRecord, int]] = []
-            try:
-                async with asyncio.timeout(10):
-                    async for entry in watcher:
-                        if entry is None:
-                            break
-                        if entry.value:
-                            found.append((BackfillRecord.from_json(entry.value), entry.revision))
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
+            for subject in info.state.subjects or {}:
+                try:
+                    entry = await kv.get(subject[len(subject_prefix) :])
+                except KeyNotFoundError:
+                    continue  # deleted since
+                if entry.value:
+                    found.append((BackfillRecord.from_json(entry.value), entry.revision))
         except Exception as exc:
             raise SinkError(f"cannot list backfills in NATS KV: {exc}") from None
         found.sort(key=lambda item: item[0].id)

@@ -320,8 +320,11 @@ def test_bridge_restarted_after_the_duplicate_window_duplicates_nothing(
     time.sleep(1)
     with proxy.holding_replies():
         before = _stream_count(nats.url, stream_name)
-        # A few: without PubAcks at most 2 atomic batches are in flight (sink.py).
-        wait_for_messages(nats.url, stream_name, before + 2, timeout=20)
+        # Stored while their PubAcks are held: new messages, or the batches that were
+        # already in flight when the hold began (then the bridge may open no more: at
+        # most 2 small batches await a PubAck, sink.py). `ahead` below proves that the
+        # stream got ahead of the slot either way.
+        _wait_for_count(nats.url, stream_name, before + 2, timeout=5)
         bridge.kill()
     time.sleep(2.5)
     ahead, logged = _restart_after_kill(bridge, database, nats.url, stream_name, "kill 2")
@@ -431,6 +434,10 @@ def test_transaction_larger_than_the_batch_limit_killed_midway(
         )
     assert _wait_last_row_negative(nats.url, stream_name, timeout=30), _log_tail(bridge)
     bridge.kill()
+    # The server may still be storing a batch whose commit it got before the kill: a
+    # reader can see a batch's first messages a moment before the rest. Read once the
+    # stream holds still.
+    _wait_stable_count(nats.url, stream_name)
     at_kill = stored_big()
     assert 0 < len(at_kill) < big, (
         f"{len(at_kill)} of {big} messages stored when killed: not midway"
@@ -489,6 +496,30 @@ async def _poll_last_row_negative(url: str, stream: str, within: float) -> bool:
 
 def _wait_last_row_negative(url: str, stream: str, timeout: float) -> bool:
     return asyncio.run(_poll_last_row_negative(url, stream, timeout))
+
+
+def _wait_stable_count(url: str, stream: str, quiet: float = 1.0, timeout: float = 15.0) -> None:
+    """Wait until the stream's message count has not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = _stream_count(url, stream), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _stream_count(url, stream)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise AssertionError(f"stream {stream} kept changing for {timeout}s after the kill")
+
+
+def _wait_for_count(url: str, stream: str, count: int, timeout: float) -> bool:
+    """Whether the stream holds ``count`` messages within ``timeout`` (no failure)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _stream_count(url, stream) >= count:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _row_id(message: StreamedMessage) -> int:
