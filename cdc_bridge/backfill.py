@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import re
 import secrets
 import time
@@ -47,10 +46,14 @@ from psycopg import sql
 from cdc_bridge.config import Settings
 from cdc_bridge.errors import ConnectError, SetupError, SinkError, first_line
 from cdc_bridge.metrics import BridgeMetrics
-from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.provisioning import DatabaseState
-from cdc_bridge.snapshot import SnapshotReader, SnapshotTable, convert_row, pace_rows
-from cdc_bridge.source import SESSION_OPTIONS
+from cdc_bridge.snapshot import (
+    SnapshotReader,
+    SnapshotTable,
+    connect_for_reading,
+    convert_row,
+    pace_rows,
+)
 from cdc_bridge.watermarks import WATERMARK_PREFIX, ChunkRequest, Watermarks, XidSnapshot
 
 __all__ = [
@@ -400,20 +403,13 @@ class BackfillRunner:
             )
 
     def _connect(self) -> SnapshotReader:
-        pg = self.settings.postgres
-        try:
-            conn = psycopg.connect(
+        return SnapshotReader(
+            connect_for_reading(
                 self.settings.conninfo(),
-                autocommit=True,
-                options=SESSION_OPTIONS,
-                connect_timeout=max(1, math.ceil(pg.connect_timeout)),
+                connect_timeout=self.settings.postgres.connect_timeout,
                 application_name="cdc-bridge backfill",
             )
-        except psycopg.Error as exc:
-            reason = first_line(exc)
-            hint = connect_error_hint(reason) or "check postgres.dsn"
-            raise ConnectError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
-        return SnapshotReader(conn)
+        )
 
     async def _emit(self, reader: SnapshotReader, token: str, mark: str) -> None:
         content = Watermarks.content(self.watermarks.slot, token, mark)

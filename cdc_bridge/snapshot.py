@@ -67,6 +67,7 @@ __all__ = [
     "SnapshotReader",
     "SnapshotRecord",
     "SnapshotTarget",
+    "connect_for_reading",
     "convert_row",
     "create_slot_exporting",
     "pace_rows",
@@ -212,6 +213,25 @@ class SnapshotTable:
     where: str | None
 
 
+def connect_for_reading(
+    conninfo: str, *, connect_timeout: float, application_name: str
+) -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection whose text output matches the walsender's (so values
+    read from tables convert like streamed ones); :class:`ConnectError` with a hint."""
+    try:
+        return psycopg.connect(
+            conninfo,
+            autocommit=True,
+            options=SESSION_OPTIONS,
+            connect_timeout=max(1, math.ceil(connect_timeout)),
+            application_name=application_name,
+        )
+    except psycopg.Error as exc:
+        reason = first_line(exc)
+        hint = connect_error_hint(reason) or "check postgres.dsn"
+        raise ConnectError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
+
+
 class SnapshotReader:
     """A ``REPEATABLE READ`` transaction reading tables page by page (blocking calls:
     run them in a thread). Values come back as PostgreSQL's text output, formatted with
@@ -223,18 +243,9 @@ class SnapshotReader:
     @classmethod
     def connect(cls, conninfo: str, *, slot: str, connect_timeout: float) -> SnapshotReader:
         """Connect and take the slot's snapshot lock (:class:`SlotBusyError` if held)."""
-        try:
-            conn = psycopg.connect(
-                conninfo,
-                autocommit=True,
-                options=SESSION_OPTIONS,
-                connect_timeout=max(1, math.ceil(connect_timeout)),
-                application_name="cdc-bridge snapshot",
-            )
-        except psycopg.Error as exc:
-            reason = first_line(exc)
-            hint = connect_error_hint(reason) or "check postgres.dsn"
-            raise ConnectError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
+        conn = connect_for_reading(
+            conninfo, connect_timeout=connect_timeout, application_name="cdc-bridge snapshot"
+        )
         try:
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtext('cdc-bridge snapshot'), hashtext(%s))",

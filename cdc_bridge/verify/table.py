@@ -10,7 +10,6 @@ on what this finds); :class:`Target` is the per-table state the three share.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,14 +21,12 @@ from psycopg import sql
 from cdc_bridge.changes import TableInfo, read_change
 from cdc_bridge.config import Settings
 from cdc_bridge.envelopes import ChangeEncoder
-from cdc_bridge.errors import ConnectError, SetupError, first_line
+from cdc_bridge.errors import SetupError, first_line
 from cdc_bridge.filters import ChangeFilters
 from cdc_bridge.lsn import parse_lsn
 from cdc_bridge.pgoutput import pg_now_micros
-from cdc_bridge.pgsecurity import connect_error_hint
 from cdc_bridge.provisioning import DatabaseState
-from cdc_bridge.snapshot import SnapshotReader, SnapshotTable, convert_row
-from cdc_bridge.source import SESSION_OPTIONS
+from cdc_bridge.snapshot import SnapshotReader, SnapshotTable, connect_for_reading, convert_row
 from cdc_bridge.verify.fold import TableFold, decode_row, differing_columns, key_text
 from cdc_bridge.verify.report import Differing, TableResult
 
@@ -57,19 +54,11 @@ class Target:
 
 def connect(settings: Settings) -> psycopg.Connection[tuple[Any, ...]]:
     """An autocommit connection for verify; :class:`ConnectError` with a hint if none."""
-    pg = settings.postgres
-    try:
-        return psycopg.connect(
-            settings.conninfo(),
-            autocommit=True,
-            options=SESSION_OPTIONS,
-            connect_timeout=max(1, math.ceil(pg.connect_timeout)),
-            application_name="cdc-bridge verify",
-        )
-    except psycopg.Error as exc:
-        reason = first_line(exc)
-        hint = connect_error_hint(reason) or "check postgres.dsn"
-        raise ConnectError(f"cannot connect to PostgreSQL: {reason} ({hint})") from None
+    return connect_for_reading(
+        settings.conninfo(),
+        connect_timeout=settings.postgres.connect_timeout,
+        application_name="cdc-bridge verify",
+    )
 
 
 def open_snapshot(
