@@ -36,15 +36,14 @@ from typing import Any
 import orjson
 import psycopg
 from nats.js.errors import (
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 from psycopg import sql
 
 from cdc_bridge.config import Settings
 from cdc_bridge.errors import ConnectError, SetupError, SinkError, first_line
+from cdc_bridge.kv import open_bucket
 from cdc_bridge.metrics import BridgeMetrics
 from cdc_bridge.provisioning import DatabaseState
 from cdc_bridge.snapshot import (
@@ -155,12 +154,7 @@ class BackfillStore:
 
     async def _bucket(self, create: bool) -> Any:
         if self._kv is None:
-            try:
-                self._kv = await self._js.key_value(BACKFILL_BUCKET)
-            except (BucketNotFoundError, NotFoundError):
-                if not create:
-                    return None
-                self._kv = await self._js.create_key_value(bucket=BACKFILL_BUCKET, history=1)
+            self._kv = await open_bucket(self._js, BACKFILL_BUCKET, create=create)
         return self._kv
 
     async def create(self, record: BackfillRecord) -> None:

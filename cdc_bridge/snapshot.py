@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from psycopg import sql
 from psycopg.types.string import TextLoader
 
@@ -50,6 +50,7 @@ from cdc_bridge.errors import (
     first_line,
 )
 from cdc_bridge.filters import ChangeFilters
+from cdc_bridge.kv import open_bucket
 from cdc_bridge.lsn import Lsn, format_lsn, parse_lsn
 from cdc_bridge.metrics import BridgeMetrics
 from cdc_bridge.oversized import PayloadLimit
@@ -168,12 +169,7 @@ class ProgressStore:
 
     async def _bucket(self, create: bool) -> Any:
         if self._kv is None:
-            try:
-                self._kv = await self._js.key_value(PROGRESS_BUCKET)
-            except (BucketNotFoundError, NotFoundError):
-                if not create:
-                    return None
-                self._kv = await self._js.create_key_value(bucket=PROGRESS_BUCKET, history=1)
+            self._kv = await open_bucket(self._js, PROGRESS_BUCKET, create=create)
         return self._kv
 
     async def get(self) -> SnapshotRecord | None:

@@ -15,6 +15,8 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
+from cdc_bridge.kv import open_bucket
+
 __all__ = ["RESULT_BUCKET", "load_last_result", "result_key", "store_result"]
 
 #: The NATS KV bucket that keeps each (stream, slot)'s last verify summary.
@@ -28,11 +30,7 @@ def result_key(stream: str, slot: str) -> str:
 
 
 async def store_result(nc: NatsClient, stream: str, slot: str, summary: dict[str, Any]) -> None:
-    js = nc.jetstream()
-    try:
-        kv = await js.key_value(RESULT_BUCKET)
-    except (BucketNotFoundError, NotFoundError):
-        kv = await js.create_key_value(bucket=RESULT_BUCKET, history=10)
+    kv = await open_bucket(nc.jetstream(), RESULT_BUCKET, create=True, history=10)
     await kv.put(result_key(stream, slot), orjson.dumps(summary))
 
 
