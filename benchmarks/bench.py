@@ -71,6 +71,7 @@ def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
     if not good:
         return {"ok": False, "error": outcomes[0].error if outcomes else "not run"}
     rates = [o.rows_per_s for o in good]
+    nats = [o.nats_cpu_s for o in good if o.nats_cpu_s is not None]
     return {
         "ok": True,
         "runs": len(good),
@@ -81,6 +82,8 @@ def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
         "seconds": statistics.median(o.seconds for o in good),
         "cpu_s": statistics.median(o.cpu_s for o in good),
         "peak_rss_mib": max(o.peak_rss_mib for o in good),
+        "walsender_cpu_s": statistics.median(o.walsender_cpu_s for o in good),
+        "nats_cpu_s": statistics.median(nats) if nats else None,  # None: no NATS in it
         "errors": [o.error for o in outcomes if not o.ok],
     }
 
@@ -128,6 +131,7 @@ def backlog_case(
         end_lsn = _lsn(conn)
     print(f"[{name}] wrote {changes:,} changes ({tx_size}/tx) in {write_s:.1f}s", flush=True)
     contenders: list[str] = args.contenders
+    assert postgres.process is not None  # started
     runs: list[dict[str, Outcome]] = []
     for run in range(args.runs):
         results: dict[str, Outcome] = {}
@@ -144,12 +148,16 @@ def backlog_case(
                 end_lsn=end_lsn,
                 expected=changes,
                 workdir=workdir,
+                postmaster_pid=postgres.process.pid,
+                nats_server_pid=server.process.pid,
             )
             outcome = run_contender(contender, target)
             results[contender] = outcome
+            nats = "" if outcome.nats_cpu_s is None else f", nats-server {outcome.nats_cpu_s:.2f}s"
             status = (
                 f"{outcome.rows_per_s:,.0f} rows/s in {outcome.seconds:.2f}s, "
-                f"cpu {outcome.cpu_s:.2f}s, peak RSS {outcome.peak_rss_mib:.0f} MiB"
+                f"cpu {outcome.cpu_s:.2f}s, peak RSS {outcome.peak_rss_mib:.0f} MiB; "
+                f"servers' cpu: walsender {outcome.walsender_cpu_s:.2f}s{nats}"
                 if outcome.ok
                 else f"FAILED: {outcome.error[:300]}"
             )

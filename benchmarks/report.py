@@ -13,6 +13,11 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _cpu(seconds: float | None) -> str:
+    """CPU seconds; "—" where there is none to show (no NATS, or a result from before)."""
+    return "—" if seconds is None else f"{seconds:.2f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
@@ -27,17 +32,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {case['case']}: {case['changes']:,} changes, {case['tx_size']:,} per "
             f"transaction, mix {case['mix']} (insert/update/delete)",
             "",
-            "| contender | rows/s (median) | min-max | warm rows/s | s | CPU s | peak RSS MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| contender | rows/s (median) | min-max | warm rows/s | s | CPU s | peak RSS MiB "
+            "| walsender CPU s | nats-server CPU s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, s in case["contenders"].items():
             if not s["ok"]:
-                lines.append(f"| {name} | — | {s['error'][:160]} | | | | |")
+                lines.append(f"| {name} | — | {s['error'][:160]} | | | | | | |")
                 continue
             lines.append(
                 f"| {name} | {_fmt(s['rows_per_s'])} | {_fmt(s['rows_per_s_min'])}-"
                 f"{_fmt(s['rows_per_s_max'])} | {_fmt(s['warm_rows_per_s'])} | "
-                f"{s['seconds']:.2f} | {s['cpu_s']:.2f} | {s['peak_rss_mib']:.0f} |"
+                f"{s['seconds']:.2f} | {s['cpu_s']:.2f} | {s['peak_rss_mib']:.0f} | "
+                f"{_cpu(s.get('walsender_cpu_s'))} | {_cpu(s.get('nats_cpu_s'))} |"
             )
         if case["ratios"]:
             lines += ["", "| ratio (within each run) | median | min-max |", "|---|---:|---:|"]
