@@ -111,7 +111,7 @@ class SubjectTemplate:
             else:
                 merged.append((is_placeholder, text))
         bound._parts = tuple(merged)
-        bound.placeholders = self.placeholders - values.keys()
+        bound.placeholders = self.placeholders.difference(values)
         return bound
 
     def render(self, values: Mapping[str, object]) -> str:
