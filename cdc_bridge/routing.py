@@ -50,7 +50,7 @@ def subject_token(value: object) -> str:
 class SubjectTemplate:
     """A parsed subject template. Raises ``ValueError`` naming the problem if invalid."""
 
-    __slots__ = ("_parts", "placeholders", "template")
+    __slots__ = ("_literal", "_parts", "placeholders", "template")
 
     def __init__(self, template: str) -> None:
         self.template = template
@@ -81,6 +81,7 @@ class SubjectTemplate:
                 f"subject template {template!r} has an empty token ('..' or an edge '.')"
             )
         self._parts = tuple(parts)
+        self._literal = self._literal_of(self._parts)
         self.placeholders = frozenset(text for is_placeholder, text in parts if is_placeholder)
 
     @staticmethod
@@ -111,11 +112,22 @@ class SubjectTemplate:
             else:
                 merged.append((is_placeholder, text))
         bound._parts = tuple(merged)
+        bound._literal = self._literal_of(bound._parts)
         bound.placeholders = self.placeholders.difference(values)
         return bound
 
+    @staticmethod
+    def _literal_of(parts: tuple[tuple[bool, str], ...]) -> str | None:
+        """The subject itself when no placeholder is left (``CDC.{op}`` bound to a table
+        and op): then rendering costs nothing on the hot path."""
+        if len(parts) == 1 and not parts[0][0]:
+            return parts[0][1]
+        return None
+
     def render(self, values: Mapping[str, object]) -> str:
         """Fill the placeholders from ``values``; missing names render as ``_``."""
+        if self._literal is not None:
+            return self._literal
         return "".join(
             subject_token(values.get(text)) if is_placeholder else text
             for is_placeholder, text in self._parts
