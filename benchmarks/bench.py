@@ -78,7 +78,10 @@ def _summary(outcomes: list[Outcome]) -> dict[str, Any]:
         "rows_per_s": statistics.median(rates),
         "rows_per_s_min": min(rates),
         "rows_per_s_max": max(rates),
-        "warm_rows_per_s": statistics.median(o.delivered / o.warm_seconds for o in good),
+        # A run over before the second look at the stream has no warm span: its rows/s.
+        "warm_rows_per_s": statistics.median(
+            o.delivered / o.warm_seconds if o.warm_seconds > 0 else o.rows_per_s for o in good
+        ),
         "seconds": statistics.median(o.seconds for o in good),
         "cpu_s": statistics.median(o.cpu_s for o in good),
         "peak_rss_mib": max(o.peak_rss_mib for o in good),
