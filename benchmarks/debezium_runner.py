@@ -62,7 +62,7 @@ def main(config_json: str) -> None:
     progress = Path(config["progress"])
     expected = int(config["expected"])
 
-    class Count(BasePythonChangeHandler):
+    class Count(BasePythonChangeHandler):  # type: ignore[misc,unused-ignore]  # Any without the bench extra
         """A no-op sink: counts the change events and marks them processed."""
 
         def __init__(self) -> None:
