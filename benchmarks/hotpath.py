@@ -11,31 +11,45 @@ runs them through the reader's steps, cumulatively, each chain ``--repeat`` time
 2. + assemble and convert: ``ChangeAssembler.feed`` (rows to JSON values);
 3. + route and serialize: ``Router.route_change`` (subject, headers, envelope body);
 4. + frame: the HPUB frame of an atomic batch member (``encode_hpub``), as the sink
-   builds it.
+   builds it;
+5. the whole reader instead (``WalReader.run``): the same steps plus the loop itself,
+   the transactions' tickets, the atomic batches (``TransactionPublisher``) and the
+   checkpoint, with the replication stream replayed from memory and a sink that
+   encodes every frame as the real one does but sends nothing (each PubAck is
+   immediate).
 
 Each stage's figure is the difference between two chains, in µs per change. The
 end-to-end benchmark (``bench.py``) is what counts; this one is steady enough (a few
-percent run to run) to tell whether a change to the hot path helps. The socket read,
-the event loop, the batch bookkeeping and the PubAcks are not in it.
+percent run to run) to tell whether a change to the hot path helps. The socket reads
+and writes, nats-py and the PubAcks' parsing are not in it. With ``--tx-size 1`` the
+reader stage shows what each transaction costs besides its change.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 
 from benchmarks.workload import PUBLICATION, TABLE, Mix, Workload, create_schema
+from cdc_bridge.batching import TransactionPublisher
 from cdc_bridge.changes import Change, ChangeAssembler
+from cdc_bridge.checkpoint import Checkpointer, TransactionTicket
 from cdc_bridge.config import Settings
 from cdc_bridge.envelopes import encoder_from_settings
 from cdc_bridge.local_servers import start_postgres
-from cdc_bridge.nats_connection import encode_hpub
-from cdc_bridge.pgoutput import decode_message
+from cdc_bridge.metrics import BridgeMetrics
+from cdc_bridge.nats_connection import encode_hpub, frame_payload_size
+from cdc_bridge.pgoutput import XLogData, decode_message
+from cdc_bridge.pipeline import BridgeStats
+from cdc_bridge.reader import WalReader
 from cdc_bridge.router import Router
+from cdc_bridge.sink import JetStreamSink
 
 _SLOT = "hotpath"
 
@@ -130,7 +144,105 @@ def chains(messages: list[tuple[int, bytes]]) -> dict[str, Callable[[], int]]:
                     encode_hpub(out.subject, headers, out.body)
         return changes
 
-    return {"decode": decode, "assemble": assemble, "route": route, "frame": frame}
+    def reader() -> int:
+        return asyncio.run(_read_all(settings, messages, assembler(), router()))
+
+    return {
+        "decode": decode,
+        "assemble": assemble,
+        "route": route,
+        "frame": frame,
+        "reader": reader,
+    }
+
+
+class _End(Exception):
+    """The replayed stream is over."""
+
+
+class _ReplayedSource:
+    """The replication stream, replayed from memory, one XLogData frame per message."""
+
+    def __init__(self, messages: list[tuple[int, bytes]]) -> None:
+        self._frames = iter([XLogData(lsn, lsn, 0, payload) for lsn, payload in messages])
+        self.idle_calls = 0
+
+    async def read_frame(self, on_idle: Any = None) -> XLogData:
+        frame = next(self._frames, None)
+        if frame is None:
+            if on_idle is not None:
+                await on_idle()  # the last batch's commit
+            raise _End
+        return frame
+
+
+class _NullSink:
+    """What the publisher and the reader need of :class:`JetStreamSink`: frames are
+    encoded as the real sink does and dropped; every publish is acknowledged at once."""
+
+    atomic_batches = True
+    max_payload = 1024 * 1024
+
+    def __init__(self, on_ack: Callable[[TransactionTicket], None]) -> None:
+        self._on_ack = on_ack
+        self.frames = 0
+
+    def message_size(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        return JetStreamSink.message_size(self, subject, body, headers)  # type: ignore[arg-type]
+
+    async def open_batch(self) -> None:
+        pass
+
+    def encode_member(
+        self, subject: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[bytes, int]:
+        frame = encode_hpub(subject, headers, body)
+        return frame, frame_payload_size(frame)
+
+    async def send_members(self, frames: list[bytes], size: int, messages: Sequence[Any]) -> None:
+        self.frames += len(frames)
+
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str], ticket: Any, **_: Any
+    ) -> None:
+        encode_hpub(subject, headers, body, "_INBOX.x")
+        self.frames += 1
+        self._on_ack(ticket)
+
+
+async def _read_all(
+    settings: Settings,
+    messages: list[tuple[int, bytes]],
+    assembler: ChangeAssembler,
+    router: Router,
+) -> int:
+    checkpointer = Checkpointer(0)
+    sink: Any = _NullSink(checkpointer.acked)
+    publisher = TransactionPublisher(
+        sink, checkpointer, atomic=True, batch_size=1000, batch_bytes=32 * 1024 * 1024
+    )
+    stats = BridgeStats()
+    reader = WalReader(
+        settings,
+        _ReplayedSource(messages),  # type: ignore[arg-type]
+        sink,
+        checkpointer,
+        publisher,
+        assembler,
+        router,
+        None,
+        stats,
+        BridgeMetrics(),
+        None,
+    )
+    with contextlib.suppress(_End):
+        await reader.run()
+    if sink.frames != stats.changes or checkpointer.confirmed_lsn != messages[-1][0]:
+        raise SystemExit(
+            f"reader: {sink.frames} frames for {stats.changes} changes, "
+            f"confirmed {checkpointer.confirmed_lsn:X} of {messages[-1][0]:X}"
+        )
+    return stats.changes
 
 
 def fastest(run: Callable[[], int], repeat: int) -> tuple[float, int]:
@@ -162,11 +274,18 @@ def main(argv: list[str] | None = None) -> None:
         "route": "route + serialize",
         "frame": "HPUB frame",
     }
-    for name, (seconds, _) in timings.items():
-        per_change = seconds / changes * 1e6
-        print(f"  {labels[name]:<20} {per_change - previous:6.2f}")
+    for name, label in labels.items():
+        per_change = timings[name][0] / changes * 1e6
+        print(f"  {label:<20} {per_change - previous:6.2f}")
         previous = per_change
     print(f"  {'total':<20} {previous:6.2f}")
+    reader_seconds, reader_changes = timings["reader"]
+    if reader_changes != changes:
+        raise SystemExit(f"reader: {reader_changes} changes, expected {changes}")
+    print(
+        f"  {'whole reader':<20} {reader_seconds / changes * 1e6:6.2f}"
+        "  (the same, plus loop, tickets, batches, checkpoint)"
+    )
 
 
 if __name__ == "__main__":

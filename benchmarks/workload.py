@@ -150,16 +150,15 @@ class Workload:
         return time.monotonic() - started
 
     def steady(self, rate: float, seconds: float, tx_size: int) -> int:
-        """About `rate` changes/s for `seconds`, in transactions of `tx_size`, paced."""
+        """`rate` changes/s for `seconds`, in transactions of `tx_size`, paced: exactly
+        round(rate * seconds / tx_size) transactions, each started on its schedule
+        (or at once when behind)."""
         interval = tx_size / rate
         started = time.monotonic()
-        next_at = started
-        written = 0
-        while next_at - started < seconds:
-            delay = next_at - time.monotonic()
+        transactions = round(rate * seconds / tx_size)
+        for number in range(transactions):
+            delay = started + number * interval - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             self.transaction(tx_size)
-            written += tx_size
-            next_at += interval
-        return written
+        return transactions * tx_size

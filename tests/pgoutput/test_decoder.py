@@ -518,3 +518,15 @@ def test_timestamps() -> None:
         pg_timestamp_to_datetime(2**63 - 1)  # PostgreSQL's 'infinity'
     with pytest.raises(ValueError, match="out of datetime range"):
         pg_timestamp_to_iso(-(2**63))  # '-infinity'
+    with pytest.raises(ValueError, match="out of datetime range"):
+        pg_timestamp_to_iso(2**63 - 1)  # 'infinity'
+
+
+@given(st.integers(min_value=-63_082_281_600_000_000, max_value=252_455_615_999_999_999))
+def test_timestamp_text_is_datetime_isoformat(micros: int) -> None:
+    # Every wire timestamp a datetime can hold (years 1 to 9999): the arithmetic
+    # formatting equals datetime's own.
+    expected = (
+        pg_timestamp_to_datetime(micros).replace(tzinfo=None).isoformat(timespec="microseconds")
+    )
+    assert pg_timestamp_to_iso(micros) == expected + "Z"
