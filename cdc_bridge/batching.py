@@ -99,8 +99,9 @@ class TransactionPublisher:
         if self._chunking:
             self._chunking = False
         else:
+            collected_bytes = self._collected_bytes
             collected = self._take_collected()
-            if collected and not self._fits(collected):
+            if collected and not self._fits(len(collected), collected_bytes):
                 await self.flush()
             await self._place(collected, ticket)
         await self._send()
@@ -140,13 +141,14 @@ class TransactionPublisher:
         self._collected_bytes = 0
         return collected
 
-    def _fits(self, messages: list[OutgoingMessage]) -> bool:
-        """Whether ``messages`` can join the open batch."""
+    def _fits(self, count: int, size: int) -> bool:
+        """Whether ``count`` messages of ``size`` bytes (bodies and batch headers, as
+        collected) can join the open batch."""
         held = self._held
         if held is None:
             return True
-        count = self._members + 1 + len(messages)
-        size = self._member_bytes + sum(len(m.body) + BATCH_HEADER_BYTES for m in (held, *messages))
+        count += self._members + 1
+        size += self._member_bytes + len(held.body) + BATCH_HEADER_BYTES
         return count <= self._batch_size and size < self._batch_bytes
 
     async def _place(self, messages: list[OutgoingMessage], ticket: TransactionTicket) -> None:

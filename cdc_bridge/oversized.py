@@ -21,6 +21,9 @@ from cdc_bridge.sink import BATCH_HEADER_BYTES
 
 __all__ = ["PayloadLimit"]
 
+#: More than the headers of any message the bridge makes can take (see ``fit``).
+_HEADERS_AT_MOST = 4096
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +43,10 @@ class PayloadLimit:
         # Room the batch headers need, when messages go out in atomic batches.
         self.margin = BATCH_HEADER_BYTES if atomic else 0
         self.dead_letter_subject = dead_letter_subject
+        # A body this small fits whatever its headers: ours are a few hundred bytes at
+        # most (names of 63 bytes, LSNs, ids), far below _HEADERS_AT_MOST. Only a larger
+        # one is measured, on the hot path.
+        self.small_body = sink.max_payload - self.margin - _HEADERS_AT_MOST
 
     @classmethod
     def from_settings(
@@ -57,6 +64,8 @@ class PayloadLimit:
 
     def fit(self, outgoing: OutgoingMessage, table: str | None, key: object) -> OutgoingMessage:
         """``outgoing``, or its dead-letter marker; :class:`PublishError` under ``fail``."""
+        if len(outgoing.body) <= self.small_body:
+            return outgoing
         sink = self.sink
         size = sink.message_size(outgoing.subject, outgoing.body, outgoing.headers)
         size += self.margin
