@@ -221,6 +221,9 @@ _HEADER_KEY: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NEWLINES_TO_SPACES: Final = str.maketrans({"\r": " ", "\n": " "})
 #: Header keys already checked against :data:`_HEADER_KEY`.
 _known_keys: set[str] = set()
+#: Subjects already checked against :data:`_SUBJECT_INVALID` (a few per table), bounded.
+_valid_subjects: set[str] = set()
+_VALID_SUBJECTS_KEPT: Final = 4096
 
 
 class BadHeaderError(ValueError):
@@ -250,10 +253,20 @@ def encode_hpub(subject: str, headers: dict[str, str], body: bytes, reply: str =
     Raises ValueError for a subject with whitespace (it would break the protocol line)
     and :class:`BadHeaderError` for a key that is not a token.
     """
-    if not subject or _SUBJECT_INVALID.search(subject) or _SUBJECT_INVALID.search(reply):
+    if subject not in _valid_subjects:
+        if not subject or _SUBJECT_INVALID.search(subject):
+            raise ValueError(f"invalid NATS subject {subject!r}")
+        if len(_valid_subjects) < _VALID_SUBJECTS_KEPT:
+            _valid_subjects.add(subject)
+    if reply and _SUBJECT_INVALID.search(reply):
         raise ValueError(f"invalid NATS subject {subject!r}")
     values = "".join(headers.values())
-    if " " in values or not values.isprintable() or not _known_keys.issuperset(headers):
+    if (
+        not headers
+        or " " in values
+        or not values.isprintable()
+        or not _known_keys.issuperset(headers)
+    ):
         # Perhaps something nats-py would change: a blank (to strip), a CR or LF (to
         # replace); a key not seen yet. Spaces inside a value also come this way.
         for key in headers:
@@ -261,10 +274,14 @@ def encode_hpub(subject: str, headers: dict[str, str], body: bytes, reply: str =
                 _known_keys.add(key)
         block = _careful_header_block(headers)
     else:
-        block = "NATS/1.0\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+        block = "NATS/1.0\r\n" + "\r\n".join(map(": ".join, headers.items())) + "\r\n\r\n"
+    target = f"{subject} {reply}" if reply else subject
+    if block.isascii():  # its length in bytes is known: one encode for line and block
+        size = len(block)
+        head = f"HPUB {target} {size} {size + len(body)}\r\n{block}".encode()
+        return b"".join((head, body, b"\r\n"))
     header = block.encode()
     size = len(header)
-    target = f"{subject} {reply}" if reply else subject
     return b"".join(
         (f"HPUB {target} {size} {size + len(body)}\r\n".encode(), header, body, b"\r\n")
     )
