@@ -150,7 +150,9 @@ class ReplicationSource:
         while True:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes > 0:
-                frame = parse_copy_frame(bytes(data))
+                # A view of libpq's buffer (kept alive by it): the decoder makes the one
+                # copy of the payload it needs.
+                frame = parse_copy_frame(data)
                 if frame.wal_end > self.received_lsn:
                     self.received_lsn = frame.wal_end
                 return frame
