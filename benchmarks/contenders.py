@@ -139,6 +139,16 @@ def _record(out: Outcome, tree: TreeSampler, servers: ServerSampler) -> None:
     out.walsender_cpu_s, out.nats_cpu_s = servers.walsender_cpu_s, servers.nats_cpu_s
 
 
+def _count(
+    out: Outcome, target: Target, seconds: float, warm_seconds: float, count: int, what: str
+) -> None:
+    """Keep the timings and what was delivered; ok only if it is every change."""
+    out.seconds, out.warm_seconds, out.delivered = seconds, warm_seconds, count
+    out.ok = count == target.expected
+    if not out.ok:
+        out.error = f"{count} {what}, expected {target.expected}"
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -159,10 +169,7 @@ def _run_streaming(name: str, argv: list[str], target: Target, stream: str, log:
     try:
         end, first, count = asyncio.run(_until_stream_full(proc, target, stream, started, log))
         _record(out, sampler, servers)
-        out.seconds, out.warm_seconds, out.delivered = end - started, end - first, count
-        out.ok = count == target.expected
-        if not out.ok:
-            out.error = f"{count} messages in the stream, expected {target.expected}"
+        _count(out, target, end - started, end - first, count, "messages in the stream")
     except RuntimeError as exc:
         _record(out, sampler, servers)
         out.error = str(exc)
@@ -339,10 +346,7 @@ def run_debezium(target: Target) -> Outcome:
                 raise RuntimeError(f"timeout after {target.timeout_s:.0f}s at {count} events")
             time.sleep(_POLL_S)
         _record(out, sampler, servers)
-        out.seconds, out.warm_seconds, out.delivered = now - started, now - first, count
-        out.ok = count == target.expected
-        if not out.ok:
-            out.error = f"{count} events, expected {target.expected}"
+        _count(out, target, now - started, now - first, count, "events")
     except RuntimeError as exc:
         _record(out, sampler, servers)
         out.error = str(exc)

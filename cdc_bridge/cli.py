@@ -11,7 +11,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
@@ -163,16 +164,27 @@ def _load(config_path: str | None) -> Settings:
         _fail(str(exc), EXIT_CONFIG)
 
 
-def _run_reporting_errors(main_coro: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+@contextmanager
+def _errors_reported(code: int | None = None) -> Iterator[None]:
+    """A failure inside becomes one error line and an exit: 2 for a bad configuration,
+    1 for anything else; ``code``, when given, for every failure (verify's rule)."""
     try:
-        run_until_signalled(main_coro)
+        yield
     except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+        _fail(str(exc), code or EXIT_CONFIG)
     except CdcBridgeError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code or EXIT_FAILURE)
     except Exception as exc:
         log.debug("unexpected error", exc_info=True)
-        _fail(f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)")
+        _fail(
+            f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)",
+            code or EXIT_FAILURE,
+        )
+
+
+def _run_reporting_errors(main_coro: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    with _errors_reported():
+        run_until_signalled(main_coro)
 
 
 # ------------------------------------------------------------------------ admin commands
@@ -201,16 +213,10 @@ def _admin_settings(config_path: str | None) -> Settings:
 def _exit_with(job: Callable[[], int]) -> NoReturn:
     """Run ``job``; exit with its code, or with one error line on failure."""
     try:
-        code = job()
+        with _errors_reported():
+            code = job()
     except KeyboardInterrupt:
         _fail("interrupted")
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    except CdcBridgeError as exc:
-        _fail(str(exc))
-    except Exception as exc:
-        log.debug("unexpected error", exc_info=True)
-        _fail(f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)")
     sys.exit(code)
 
 
@@ -376,8 +382,7 @@ def verify(
         _fail("--sample and --full cannot be combined", EXIT_CONFIG)
     if as_json and as_metrics:
         _fail("--json and --metrics cannot be combined", EXIT_CONFIG)
-    settings = _load(config_path)
-    configure_logging("WARNING", settings.log_format)
+    settings = _admin_settings(config_path)
     options = VerifyOptions(
         tables=tables,
         sample=sample,
@@ -388,14 +393,10 @@ def verify(
         seed=seed,
     )
     try:
-        result = asyncio.run(run_verify(settings, options))
+        with _errors_reported(EXIT_CONFIG):  # verify: every error exits 2, a mismatch 1
+            result = asyncio.run(run_verify(settings, options))
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_CONFIG)
-    except CdcBridgeError as exc:
-        _fail(str(exc), EXIT_CONFIG)  # verify: every error exits 2, a mismatch 1
-    except Exception as exc:
-        log.debug("unexpected error", exc_info=True)
-        _fail(f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)", EXIT_CONFIG)
     if as_json:
         click.echo(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
     elif as_metrics:
