@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 __all__ = ["ServerSampler", "TreeSampler", "tree_pids", "walsender_pids"]
@@ -86,7 +87,7 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-class _Sampler:
+class _Sampler(ABC):
     """Calls ``sample()`` every `interval` seconds on a thread, from ``_start()`` to ``stop()``."""
 
     def __init__(self, interval: float) -> None:
@@ -94,8 +95,9 @@ class _Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @abstractmethod
     def sample(self) -> None:
-        raise NotImplementedError
+        """Take one reading (each sampler says of what)."""
 
     def _start(self) -> None:
         self._thread.start()
